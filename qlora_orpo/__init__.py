@@ -1,0 +1,1 @@
+"""qlora_orpo: ORPO on a 4-bit base with LoRA."""

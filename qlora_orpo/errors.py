@@ -1,0 +1,32 @@
+"""Errors whose message is the whole story for the user: the CLI prints them on one line, no traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base of every error caused by input the user can fix (config, data, model path, disk)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value or key that cannot be used; the message names the field."""
+
+
+class DataError(UserError, ValueError):
+    """Bad preference data. The message names the file, the row (1-based) and the field where known."""
+
+    def __init__(self, source: str, message: str, row: int | None = None, field: str | None = None):
+        self.source, self.row, self.field, self.reason = source, row, field, message
+        where = source
+        if row is not None:
+            where += f", row {row}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}")
+
+
+class ModelError(UserError):
+    """A model or tokenizer that cannot be loaded or used for training."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a non-finite loss, a failed checkpoint write)."""

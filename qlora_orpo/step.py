@@ -1,0 +1,215 @@
+"""One micro-batch of ORPO: forward, loss and backward. No file I/O, no optimizer.
+
+Three ways to get the same gradient (``--step``):
+
+* ``split`` (default): only one side's activations are alive at a time. The ORPO loss
+  ``L = NLL_w + beta * L_OR(logp_w, logp_l)`` depends on the rejected pass only through the
+  per-sequence scalar ``logp_l``. So:
+
+  (a) a no-grad forward of the rejected responses gives ``logp_l``;
+  (b) a grad forward of the chosen responses, backward of ``NLL_w + beta * L_OR(logp_w, logp_l.detach())``;
+  (c) a grad forward of the rejected responses, backward of ``(dL/dlogp_l).detach() * logp_l``
+      with the coefficient in closed form (``loss.orpo_logp_grads``), since by the chain rule
+      that term's gradient is exactly dL/dlogp_l * dlogp_l/dθ.
+
+  The price is one extra no-grad forward of the rejected side. With LoRA dropout on, (a) and
+  (c) must draw the same dropout mask, or (c) differentiates a different function from the
+  one that gave ``logp_l``: the RNG state is captured before (a) and restored for (c).
+
+* ``sequential``: chosen then rejected forward with grad, both graphs held, one backward.
+  No extra forward, but two sequences' checkpointed activations are alive at once.
+
+* ``joint``: chosen and rejected concatenated into one padded batch, one forward, one
+  backward, as TRL does. Peak memory holds both sides padded to the longer one.
+
+In every mode the log-probs come from :func:`chunked_token_logps`: the ``lm_head`` runs on
+``logits_chunk_size`` scored positions at a time inside a checkpoint, so full
+sequence x vocabulary logits never exist, in the forward or the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .collate import PairBatch, SideBatch, concat_sides
+from .loss import IGNORE_INDEX, orpo_logp_grads, orpo_loss, sequence_logps
+
+STEP_MODES = ("split", "sequential", "joint")
+
+
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """log P(target) for ``hidden (n, H)`` and ``targets (n,)``; logits ``(n, V)`` live only here."""
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Per-token log-probs of the labels, computed a chunk of scored positions at a time.
+
+    Args:
+        hidden: ``(batch, seq, hidden)`` final hidden states, aligned with the inputs.
+        lm_head: the output projection (frozen or LoRA-wrapped; gradients flow through it).
+        labels: ``(batch, seq)`` input-aligned labels, ``IGNORE_INDEX`` where not scored.
+        chunk_size: scored positions per ``lm_head`` call.
+
+    Returns:
+        ``(batch, seq - 1)`` log P(labels[:, 1:]) (position t predicts token t+1), float32,
+        zero where not scored: feed it to ``loss.sequence_logps`` with ``labels[:, 1:]``.
+
+    Only scored positions reach the ``lm_head`` (prompt and padding cost nothing), and each
+    chunk is checkpointed: its ``(chunk, vocab)`` logits are freed after the forward and
+    recomputed in the backward, so logits memory is one chunk, not sequence x vocabulary.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    scored_hidden = hidden[:, :-1][mask]  # (n_scored, H)
+    scored_targets = targets[mask]  # (n_scored,)
+    pieces = []
+    for start in range(0, scored_targets.numel(), chunk_size):
+        h = scored_hidden[start : start + chunk_size]
+        t = scored_targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_chunk_token_logps, h, t, lm_head, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(h, t, lm_head))
+    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(targets.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(decoder, lm_head)`` of a causal LM, through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+@dataclass
+class SideLogps:
+    """Per-sequence results of one forward: ``logps`` and ``nll``, each ``(batch,)``."""
+
+    logps: torch.Tensor
+    nll: torch.Tensor
+
+
+def forward_logps(model: nn.Module, side: SideBatch, chunk_size: int, nll_over_prompt: bool = False) -> SideLogps:
+    """Forward one side and return its mean response log-probs and its NLL.
+
+    ``logps`` is the mean log-prob over response tokens (ORPO's length-normalised P(y|x)).
+    ``nll`` is ``-logps`` (response only, the default), or the mean NLL over prompt and
+    response tokens when ``nll_over_prompt`` (the official ORPO code and TRL).
+    """
+    decoder, lm_head = causal_lm_parts(model)
+    hidden = decoder(input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False).last_hidden_state
+    scored = side.prompt_labels if nll_over_prompt else side.labels
+    token_logps = chunked_token_logps(hidden, lm_head, scored, chunk_size)
+    logps = sequence_logps(token_logps, side.labels[:, 1:])
+    nll = -sequence_logps(token_logps, scored[:, 1:]) if nll_over_prompt else -logps
+    return SideLogps(logps, nll)
+
+
+def _capture_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+def _restore_rng(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch reports: the (unscaled) loss and metrics, detached; token count."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    num_tokens: int
+    rows: list[int]
+
+
+def _default_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+class OrpoStep:
+    """Runs forward and backward of one micro-batch in the chosen mode.
+
+    Device placement and backward live here and only here, so that a data-parallel wrapper
+    (``accelerate``) can later take over by passing its own ``backward``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        beta: float,
+        mode: str = "split",
+        chunk_size: int = 128,
+        nll_over_prompt: bool = False,
+        pad_token_id: int = 0,
+        device: torch.device | str = "cpu",
+        backward: Callable[[torch.Tensor], None] = _default_backward,
+    ):
+        if mode not in STEP_MODES:
+            raise ValueError(f"step mode {mode!r} is not one of {', '.join(STEP_MODES)}")
+        self.model, self.beta, self.mode, self.chunk_size = model, beta, mode, chunk_size
+        self.nll_over_prompt, self.pad_token_id = nll_over_prompt, pad_token_id
+        self.device = torch.device(device)
+        self.backward = backward
+
+    def __call__(self, batch: PairBatch, loss_scale: float = 1.0) -> StepOutput:
+        """Accumulate ``loss_scale * dL/dθ`` into the parameters' ``.grad``; L is the batch-mean ORPO loss."""
+        batch = batch.to(self.device)
+        run = {"split": self._split, "sequential": self._sequential, "joint": self._joint}[self.mode]
+        loss, metrics = run(batch, loss_scale)
+        tokens = batch.chosen.num_tokens + batch.rejected.num_tokens
+        return StepOutput(loss.detach(), metrics, tokens, batch.rows)
+
+    def _forward(self, side: SideBatch) -> SideLogps:
+        return forward_logps(self.model, side, self.chunk_size, self.nll_over_prompt)
+
+    def _split(self, batch: PairBatch, scale: float):
+        rejected_rng = _capture_rng(self.device)
+        with torch.no_grad():
+            rejected_logps = self._forward(batch.rejected).logps  # (a)
+        chosen = self._forward(batch.chosen)  # (b)
+        loss, metrics = orpo_loss(chosen.logps, rejected_logps, chosen.nll, self.beta)
+        self.backward(loss * scale)
+        _, d_rejected = orpo_logp_grads(chosen.logps, rejected_logps, self.beta)
+        after_chosen_rng = _capture_rng(self.device)
+        _restore_rng(self.device, rejected_rng)  # the same dropout mask as (a)
+        rejected = self._forward(batch.rejected)  # (c)
+        self.backward((d_rejected * scale * rejected.logps).sum())
+        _restore_rng(self.device, after_chosen_rng)
+        return loss, metrics
+
+    def _sequential(self, batch: PairBatch, scale: float):
+        chosen = self._forward(batch.chosen)
+        rejected = self._forward(batch.rejected)
+        loss, metrics = orpo_loss(chosen.logps, rejected.logps, chosen.nll, self.beta)
+        self.backward(loss * scale)
+        return loss, metrics
+
+    def _joint(self, batch: PairBatch, scale: float):
+        both = self._forward(concat_sides(batch, self.pad_token_id))
+        n = batch.size
+        loss, metrics = orpo_loss(both.logps[:n], both.logps[n:], both.nll[:n], self.beta)
+        self.backward(loss * scale)
+        return loss, metrics
+
+
+@torch.no_grad()
+def evaluate_batch(
+    model: nn.Module, batch: PairBatch, beta: float, chunk_size: int = 128, nll_over_prompt: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], SideLogps, SideLogps]:
+    """No-grad ORPO loss and metrics of one batch, plus the per-pair log-probs of both sides."""
+    chosen = forward_logps(model, batch.chosen, chunk_size, nll_over_prompt)
+    rejected = forward_logps(model, batch.rejected, chunk_size, nll_over_prompt)
+    loss, metrics = orpo_loss(chosen.logps, rejected.logps, chosen.nll, beta)
+    return loss, metrics, chosen, rejected
