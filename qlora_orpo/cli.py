@@ -26,6 +26,7 @@ def build_parser(prog: str = "finetune.py", description: str | None = None) -> a
         description=description or "ORPO fine-tuning of a 4-bit quantised base model with LoRA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # a mistyped prefix must not silently match another flag
     )
     parser.add_argument("--config", help="YAML or JSON file of config values; flags override it.")
     parser.add_argument(

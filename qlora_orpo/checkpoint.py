@@ -1,0 +1,208 @@
+"""Run directories and checkpoints: safetensors and JSON only, every write atomic.
+
+Layout of ``runs/<name>/``::
+
+    config.yaml            the resolved OrpoConfig
+    metrics.jsonl          one JSON object per log or eval point
+    checkpoints/
+      step-000010/         adapter/ (peft format), optimizer.safetensors, state.json, rng.safetensors
+      latest               the name of the newest complete checkpoint
+    adapter/               the final adapter
+
+A checkpoint is written into ``step-N.tmp/`` and renamed into place only when complete;
+``latest`` is then replaced atomically. A crash or a full disk mid-write leaves at worst a
+``.tmp`` directory, never a half checkpoint named as the latest, and earlier checkpoints
+stay until a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import TrainingError
+
+KEEP_CHECKPOINTS = 2
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+@dataclass
+class TrainState:
+    """Where training stands: completed optimizer steps and micro-batches consumed."""
+
+    step: int = 0
+    micro_batches: int = 0
+    tokens: int = 0
+
+
+# -- optimizer state <-> safetensors + JSON ---------------------------------------------------
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, slots in state_dict["state"].items():
+        for name, value in slots.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# -- RNG ----------------------------------------------------------------------------------------
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -- save / load ---------------------------------------------------------------------------------
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = checkpoint_dir(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+) -> Path:
+    """Write a complete checkpoint for ``state.step`` and point ``latest`` at it.
+
+    Raises :class:`TrainingError` (naming the last good checkpoint) if the write fails,
+    for example on a full disk; the partial directory is removed.
+    """
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state.step:06d}"
+    final, tmp = root / name, root / (name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        payload = {
+            "train_state": vars(state),
+            "optimizer": meta,
+            "scheduler": scheduler.state_dict(),
+            "python_random": list(random.getstate()),
+        }
+        atomic_write_text(tmp / "state.json", json.dumps(payload))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        atomic_write_text(root / "latest", name + "\n")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the last good checkpoint is {previous}" if previous else "no earlier checkpoint exists"
+        raise TrainingError(f"could not save the checkpoint for step {state.step} ({exc.strerror or exc}); {kept}") from exc
+    _prune(root, keep=final)
+    return final
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Keep the newest ``KEEP_CHECKPOINTS`` complete checkpoints."""
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-KEEP_CHECKPOINTS]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return the train state."""
+    from peft import set_peft_model_state_dict
+
+    try:
+        payload = json.loads((path / "state.json").read_text())
+        adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{path}: cannot read checkpoint ({exc})") from exc
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in adapter.items()})
+    if getattr(result, "unexpected_keys", None):
+        raise TrainingError(f"{path}: adapter weights do not fit this model ({result.unexpected_keys[:3]})")
+    optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, payload["optimizer"]))
+    scheduler.load_state_dict(payload["scheduler"])
+    _restore_rng(rng, payload["python_random"])
+    return TrainState(**payload["train_state"])
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl``, flushed at once (nothing lost on a crash)."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        if truncate_after_step is not None and self.path.exists():
+            # A resumed run replays the steps after its checkpoint: drop their old records.
+            kept = [
+                line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
+            ]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

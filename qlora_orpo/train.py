@@ -1,0 +1,266 @@
+"""The training loop behind ``scripts/finetune.py``: schedule, cadence, logging, checkpoints.
+
+No tensor maths here: forward and backward belong to ``step.OrpoStep``, the loss to
+``loss.py``, evaluation to ``evaluate.py``. ``.item()`` (a device sync) happens only at log
+points, except one finiteness check per optimizer step so a NaN never reaches the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .collate import TokenizedPair, collate_pairs, tokenize_pairs
+from .config import OrpoConfig
+from .data import load_from_config, split_holdout
+from .errors import TrainingError, UserError
+from .evaluate import evaluate_pairs
+from .memory import apply_cpu_allocator_policy, format_memory, peak_memory, reset_peak_memory
+from .step import OrpoStep
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def resolve_run_dir(cfg: OrpoConfig, resume: bool) -> Path:
+    root = Path(cfg.output_dir)
+    if cfg.run_name:
+        return root / cfg.run_name
+    if resume:
+        runs = sorted((p for p in root.glob("*") if latest_checkpoint(p)), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise UserError(f"--resume: no run with a checkpoint in {root}")
+        return runs[-1]
+    return root / datetime.now().strftime("orpo-%Y%m%d-%H%M%S")
+
+
+def total_optimizer_steps(cfg: OrpoConfig, n_train: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def lr_lambda(cfg: OrpoConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then cosine or linear decay to 0 (or constant)."""
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(cfg: OrpoConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if device.type != "cuda":
+        raise UserError(f"optim: {cfg.optim} needs a CUDA device (this run is on {device}); use --optim adamw")
+    import bitsandbytes as bnb
+
+    kind = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return kind(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def micro_batches(
+    pairs: list[TokenizedPair], batch_size: int, seed: int, start: int, pad_token_id: int
+) -> Iterator[Any]:
+    """Endless stream of collated micro-batches, reshuffled each epoch from ``seed + epoch``.
+
+    ``start`` skips that many micro-batches, so a resumed run sees exactly the batches it
+    would have seen; the order depends only on (seed, epoch), never on earlier randomness.
+    """
+    per_epoch = max(1, len(pairs) // batch_size)  # the short tail of an epoch is dropped
+    index = start
+    while True:
+        epoch, offset = divmod(index, per_epoch)
+        order = list(range(len(pairs)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for position in range(offset, per_epoch):
+            chosen = [pairs[i] for i in order[position * batch_size : (position + 1) * batch_size]]
+            yield collate_pairs(chosen, pad_token_id)
+            index += 1
+
+
+def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns the summary that is also logged. See ``finetune.py --help``."""
+    from .model import load_model_for_training
+
+    allocator = apply_cpu_allocator_policy(cfg.cpu_allocator)
+    run_dir = resolve_run_dir(cfg, resume)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume:
+        if checkpoint is None:
+            raise UserError(f"--resume: {run_dir} has no complete checkpoint")
+        cfg = OrpoConfig.from_file(run_dir / "config.yaml")  # the run's own config, not today's defaults
+        log(f"resuming {run_dir} from {checkpoint.name}")
+    elif (run_dir / "checkpoints").exists():
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.to_file(run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # -- data ---------------------------------------------------------------------------------
+    data = load_from_config(cfg)
+    train_pairs, eval_pairs = split_holdout(data.pairs, cfg.eval_fraction)
+    log(f"data: {data.source} ({data.shape}): {len(data.pairs)} pairs, {len(data.skipped)} rows skipped")
+    for reason, count in data.skip_reasons().items():
+        log(f"  skipped {count} x {reason}")
+
+    # -- model --------------------------------------------------------------------------------
+    model, tokenizer, info = load_model_for_training(cfg)
+    log(f"model: {info.describe()}; allocator: {allocator}")
+    train_tok, train_stats = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    eval_tok, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    if cfg.eval_max_pairs:
+        eval_tok = eval_tok[: cfg.eval_max_pairs]
+    if not train_tok:
+        raise UserError("no training pair survived tokenisation (check max_length and max_prompt_length)")
+    log(f"tokenised: {len(train_tok)} train pairs ({train_stats.truncated} truncated, "
+        f"{len(train_stats.dropped_rows)} dropped), {len(eval_tok)} eval pairs")
+
+    device = info.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, params, device)
+    total_steps = total_optimizer_steps(cfg, len(train_tok))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if resume else None)
+    step_fn = OrpoStep(
+        model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device
+    )
+
+    def evaluate(tag: str) -> dict[str, float] | None:
+        if not eval_tok:
+            return None
+        result = evaluate_pairs(
+            model, eval_tok, cfg.beta, tokenizer.pad_token_id, device, cfg.eval_batch_size,
+            cfg.logits_chunk_size, cfg.nll_over_prompt,
+        )
+        metrics_log.write({"step": state.step, "split": "eval", "tag": tag, **result})
+        log(f"eval ({tag}, step {state.step}, {result['pairs']} pairs): reward accuracy "
+            f"{result['reward_accuracy']:.3f}, margin {result['reward_margin']:+.4f}, "
+            f"log-odds ratio {result['log_odds_ratio']:+.3f}, nll {result['nll']:.3f}")
+        return result
+
+    before = evaluate("before") if state.step == 0 else None
+    batches = micro_batches(train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id)
+    reset_peak_memory(device)
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+    window_tokens, window_start = 0, time.perf_counter()
+    last: dict[str, float] = {}
+    try:
+        while state.step < total_steps:
+            sums: dict[str, torch.Tensor] = {}
+            for _ in range(cfg.grad_accum):
+                out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum)
+                if not torch.isfinite(out.loss):  # one sync per micro-batch: a NaN must not reach the weights
+                    raise TrainingError(
+                        f"non-finite loss ({float(out.loss)}) at step {state.step + 1}, pair rows {out.rows} of "
+                        f"{data.source}; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
+                    )
+                for key, value in {"loss": out.loss, **out.metrics}.items():
+                    sums[key] = sums.get(key, 0) + value / cfg.grad_accum
+                state.micro_batches += 1
+                state.tokens += out.num_tokens
+                window_tokens += out.num_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                memory = peak_memory(device)
+                last = {
+                    "step": state.step, "split": "train", **_to_float(sums),
+                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": window_tokens / elapsed, "seconds_per_step": elapsed / cfg.log_every,
+                    "tokens": state.tokens, **memory,
+                }
+                metrics_log.write(last)
+                bar.set_postfix_str(
+                    f"loss {last['loss']:.3f} acc {last['reward_accuracy']:.2f} "
+                    f"{last['tokens_per_s']:.0f} tok/s {format_memory(memory)}"
+                )
+                window_tokens, window_start = 0, time.perf_counter()
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                evaluate("periodic")
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                save_checkpoint(run_dir, model, optimizer, scheduler, state)
+            if on_step_end is not None:
+                on_step_end(state.step)
+    except KeyboardInterrupt:
+        bar.close()
+        path = save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        log(f"interrupted: saved {path} (step {state.step}); continue with --resume --run-name {run_dir.name}"
+            f" --output-dir {cfg.output_dir}")
+        raise
+    bar.close()
+
+    save_checkpoint(run_dir, model, optimizer, scheduler, state)
+    after = evaluate("after")
+    adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after)
+    summary = {
+        "run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "adapter": str(adapter_dir),
+        "trainable_params": info.trainable_params, "total_params": info.total_params,
+        "final_train": last, "eval_before": before, "eval_after": after,
+    }
+    metrics_log.write({"step": state.step, "split": "summary", **{k: v for k, v in summary.items() if k != "final_train"}})
+    describe = f"done: {state.step} steps, {state.tokens} tokens, adapter in {adapter_dir}"
+    if before and after:
+        describe += (f"; held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
+                     f"margin {before['reward_margin']:+.4f} -> {after['reward_margin']:+.4f}")
+    log(describe)
+    if cfg.export:
+        from .export import export_merged
+
+        export_merged(adapter_dir, run_dir / "merged")
+    _write_plots(run_dir)
+    return summary
+
+
+def save_final_adapter(model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None) -> Path:
+    """The final adapter in peft format (with a card when ``adapters.py`` is available)."""
+    adapter_dir = run_dir / "adapter"
+    try:
+        from .adapters import save_adapter
+    except ImportError:
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+        return adapter_dir
+    return save_adapter(model, tokenizer, cfg, adapter_dir, data=data, metrics=metrics)
+
+
+def _write_plots(run_dir: Path) -> None:
+    try:
+        from .plots import plot_run
+    except ImportError:
+        return
+    plot_run(run_dir)

@@ -1,0 +1,151 @@
+"""The loop on a tiny model saved to disk: it learns, logs, checkpoints, resumes exactly, fails loudly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_llama, build_tokenizer
+
+from qlora_orpo.checkpoint import latest_checkpoint, read_metrics
+from qlora_orpo.config import OrpoConfig
+from qlora_orpo.errors import TrainingError
+from qlora_orpo.train import lr_lambda, run
+
+WORDS = "the quick brown fox jumps over lazy dog hello world capital France Paris bread flour water".split()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    tokenizer = build_tokenizer(chat_template=True)
+    model = build_tiny_llama(vocab_size=len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    path = tmp_path / "tiny-model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as handle:
+        for i in range(40):
+            words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (8,), generator=rng)]
+            handle.write(json.dumps({
+                "prompt": " ".join(words[:3]),
+                "chosen": "hello world " + " ".join(words[3:6]),  # a learnable preference
+                "rejected": "the lazy dog " + " ".join(words[5:8]),
+            }) + "\n")
+    return path
+
+
+def tiny_config(tmp_path, model_dir, data, **overrides) -> OrpoConfig:
+    values = dict(
+        model=str(model_dir), data=str(data), output_dir=str(tmp_path / "runs"), run_name="t",
+        quant="none", compute_dtype="float32", device="cpu", max_steps=6, batch_size=2, grad_accum=2,
+        max_length=64, max_prompt_length=32, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        learning_rate=5e-3, eval_fraction=0.2, eval_max_pairs=8, save_every=2, logits_chunk_size=16,
+    )
+    values.update(overrides)
+    return OrpoConfig(**values)
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_training_logs_checkpoints_and_improves_reward_accuracy(tmp_path, tiny_model_dir, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, max_steps=12, lora_dropout=0.05)
+    summary = run(cfg)
+    run_dir = tmp_path / "runs" / "t"
+    assert OrpoConfig.from_file(run_dir / "config.yaml") == cfg  # the resolved config is recorded
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for key in ("loss", "nll", "or_loss", "reward_accuracy", "reward_margin", "lr", "tokens_per_s", "grad_norm"):
+        assert all(key in r for r in train), key
+    assert {r["tag"] for r in records if r["split"] == "eval"} == {"before", "after"}
+    assert summary["eval_after"]["reward_margin"] > summary["eval_before"]["reward_margin"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert latest_checkpoint(run_dir).name == "step-000012"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(run_dir.rglob("*.bin")) and not list(run_dir.rglob("*.pt"))  # no pickle anywhere
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_data):
+    full_cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="full", lora_dropout=0.1, save_every=0)
+    run(full_cfg)
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cut_cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="cut", lora_dropout=0.1, save_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        run(cut_cfg, on_step_end=interrupt)
+    assert latest_checkpoint(tmp_path / "runs" / "cut").name == "step-000003"  # Ctrl-C saved one
+    run(cut_cfg, resume=True)
+    full, resumed = train_losses(tmp_path / "runs" / "full"), train_losses(tmp_path / "runs" / "cut")
+    assert [s for s, _ in resumed] == list(range(1, 7))
+    for (step, a), (_, b) in zip(full, resumed, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_non_finite_loss_stops_with_step_and_rows(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    import qlora_orpo.step as step
+
+    calls = {"n": 0}
+    real = step.OrpoStep.__call__
+
+    def poisoned(self, batch, loss_scale=1.0):
+        out = real(self, batch, loss_scale)
+        calls["n"] += 1
+        if calls["n"] == 5:  # first micro-batch of step 3
+            out.loss = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(step.OrpoStep, "__call__", poisoned)
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3, pair rows \[\d+, \d+\].*step-000002"):
+        run(cfg)
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, tiny_model_dir, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, max_steps=2)
+    run(cfg)
+    with pytest.raises(Exception, match="already holds a run"):
+        run(cfg)
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    import qlora_orpo.checkpoint as checkpoint
+
+    real = checkpoint.save_file
+    writes = {"n": 0}
+
+    def failing_save(tensors, filename, *args, **kwargs):
+        writes["n"] += 1
+        if "step-000004" in str(filename):
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data)
+    with pytest.raises(TrainingError, match=r"step 4 \(No space left on device\); the last good checkpoint is .*step-000002"):
+        run(cfg)
+    run_dir = tmp_path / "runs" / "t"
+    assert latest_checkpoint(run_dir).name == "step-000002"
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = OrpoConfig(warmup_ratio=0.2, lr_scheduler="cosine")
+    f = lr_lambda(cfg, total_steps=10)
+    values = [f(s) for s in range(10)]
+    assert values[0] < values[1] < values[2] == 1.0
+    assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False))
+    assert values[-1] < 0.1
