@@ -1,0 +1,199 @@
+"""Peak-memory measurement (CUDA and CPU) and the CPU allocator policy.
+
+On CUDA the numbers come from torch's caching allocator. On the CPU they come from the
+kernel: the resident set size now and its high-water mark. Linux lets a process reset
+its high-water mark (``VmHWM``) by writing ``5`` to ``/proc/self/clear_refs``, so a
+benchmark can measure the peak of a training step above the post-load baseline;
+``ru_maxrss`` cannot be reset and is only the fallback.
+
+glibc malloc keeps freed memory in its arenas, so the resident size of a long training
+run on the CPU drifts up and never comes down. :func:`apply_cpu_allocator_policy` can tune
+it to give memory back to the OS (or detect that jemalloc is preloaded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+MIB = 2**20
+_STATUS = Path("/proc/self/status")
+_STATM = Path("/proc/self/statm")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+# mallopt parameters from glibc's <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+TRIM_THRESHOLD_BYTES = 128 * 1024  # give the top of the heap back once 128 KiB are free
+MMAP_THRESHOLD_BYTES = 64 * 1024  # blocks from 64 KiB up get their own mapping, unmapped on free
+ARENA_MAX = 2  # fewer per-thread arenas, less memory stranded in them
+
+ALLOCATOR_POLICIES = ("auto", "glibc", "trim")
+
+
+def _device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_memory(device: torch.device | str) -> dict[str, float]:
+    """Memory numbers in MiB for ``device``.
+
+    CUDA: ``peak_allocated_mib`` (tensors) and ``peak_reserved_mib`` (allocator cache)
+    since the last reset. CPU: ``peak_rss_mib``, the resident-set high-water mark since
+    the last :func:`reset_peak_memory` (since process start where it cannot be reset),
+    and ``rss_mib``, the resident set now (Linux only).
+    """
+    device = _device(device)
+    if device.type == "cuda":
+        return {
+            "peak_allocated_mib": torch.cuda.max_memory_allocated(device) / MIB,
+            "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / MIB,
+        }
+    hwm = _status_kib("VmHWM")
+    peak = hwm / 1024 if hwm is not None else _ru_maxrss_mib()
+    rss = _current_rss_mib()
+    if rss is None:
+        return {"peak_rss_mib": peak}
+    # VmHWM and statm are sampled separately; keep peak >= current for the reader.
+    return {"peak_rss_mib": max(peak, rss), "rss_mib": rss}
+
+
+def reset_peak_memory(device: torch.device | str) -> bool:
+    """Start a new peak measurement; False where the platform cannot reset the CPU peak."""
+    device = _device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        # "5" resets the peak RSS (VmHWM) to the current RSS; see proc(5).
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def format_memory(values: dict[str, float]) -> str:
+    """A short string for a progress bar: ``"gpu 812 MiB (res 1,024)"`` or ``"rss 812 MiB (peak 1,030)"``."""
+    if "peak_allocated_mib" in values:
+        return (
+            f"gpu {values['peak_allocated_mib']:,.0f} MiB (res {values.get('peak_reserved_mib', 0.0):,.0f})"
+        )
+    peak = values.get("peak_rss_mib")
+    rss = values.get("rss_mib")
+    if rss is None:
+        return f"peak rss {peak:,.0f} MiB" if peak is not None else "mem n/a"
+    return f"rss {rss:,.0f} MiB (peak {peak:,.0f})" if peak is not None else f"rss {rss:,.0f} MiB"
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])  # "VmHWM:   123456 kB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _current_rss_mib() -> float | None:
+    try:
+        pages = int(_STATM.read_text().split()[1])  # size resident shared text lib data dt
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def _ru_maxrss_mib() -> float:
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return maxrss / MIB if sys.platform == "darwin" else maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocator policy
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, or None on other C libraries (musl) and platforms."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it  # noqa: B018
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _preloaded_allocator() -> str | None:
+    """Name "jemalloc" or "tcmalloc" when one is mapped into this process (LD_PRELOAD), else None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for name in ("jemalloc", "tcmalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return None
+
+
+def apply_cpu_allocator_policy(policy: str) -> str:
+    """Apply ``policy`` ("auto", "glibc" or "trim") to this process and describe what was done.
+
+    "trim" tunes glibc malloc so that freed memory returns to the OS promptly; "auto"
+    leaves a preloaded jemalloc/tcmalloc alone and otherwise trims; "glibc" changes nothing.
+    Calling it again with the same policy is harmless.
+    """
+    if policy not in ALLOCATOR_POLICIES:
+        raise ValueError(f"cpu_allocator: {policy!r} is not one of {', '.join(ALLOCATOR_POLICIES)}")
+    if not sys.platform.startswith("linux"):
+        return f"system allocator (policy {policy!r} applies to Linux only)"
+    preloaded = _preloaded_allocator()
+    if policy == "glibc":
+        return "glibc malloc, default settings" if preloaded is None else f"{preloaded} (preloaded)"
+    if policy == "auto" and preloaded is not None:
+        return f"{preloaded} (preloaded)"
+    libc = _glibc()
+    if libc is None:
+        return "system allocator unchanged (not glibc)"
+    settings = (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES, "mmap threshold 64 KiB"),
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES, "trim threshold 128 KiB"),
+        (M_ARENA_MAX, ARENA_MAX, f"{ARENA_MAX} arenas"),
+    )
+    applied, failed = [], []
+    for param, value, label in settings:
+        (applied if libc.mallopt(param, value) == 1 else failed).append(label)  # mallopt returns 1 on success
+    text = "glibc malloc: " + ", ".join(applied) if applied else "glibc malloc unchanged"
+    if failed:
+        text += f" (rejected: {', '.join(failed)})"
+    if preloaded is not None:
+        text += f"; note {preloaded} is preloaded and serves malloc"
+    return text
+
+
+def malloc_trim() -> bool:
+    """Ask glibc to return free heap memory to the OS; True if it released any."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.malloc_trim(0))
