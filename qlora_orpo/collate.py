@@ -194,9 +194,16 @@ class PairBatch:
         return self.chosen.input_ids.shape[0]
 
 
-def pad_side(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int) -> SideBatch:
-    """Right-pad ``(prompt_ids, response_ids)`` sequences into one :class:`SideBatch`."""
-    length = max(len(p) + len(r) for p, r in sequences)
+def pad_side(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int, multiple: int = 1
+) -> SideBatch:
+    """Right-pad ``(prompt_ids, response_ids)`` sequences into one :class:`SideBatch`.
+
+    The width is rounded up to ``multiple``: fewer distinct shapes means fewer per-shape
+    kernel caches (oneDNN on CPU) and better tensor-core tiles on GPU.
+    """
+    longest = max(len(p) + len(r) for p, r in sequences)
+    length = -(-longest // multiple) * multiple
     batch = len(sequences)
     input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
@@ -212,10 +219,10 @@ def pad_side(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token
     return SideBatch(input_ids, attention_mask, labels, prompt_labels)
 
 
-def collate_pairs(items: Sequence[TokenizedPair], pad_token_id: int) -> PairBatch:
+def collate_pairs(items: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int = 1) -> PairBatch:
     """Batch pairs: chosen and rejected padded separately (see the module docstring)."""
-    chosen = pad_side([(it.prompt_ids, it.chosen_ids) for it in items], pad_token_id)
-    rejected = pad_side([(it.prompt_ids, it.rejected_ids) for it in items], pad_token_id)
+    chosen = pad_side([(it.prompt_ids, it.chosen_ids) for it in items], pad_token_id, pad_to_multiple_of)
+    rejected = pad_side([(it.prompt_ids, it.rejected_ids) for it in items], pad_token_id, pad_to_multiple_of)
     return PairBatch(chosen, rejected, [it.row for it in items])
 
 

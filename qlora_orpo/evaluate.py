@@ -29,6 +29,7 @@ def evaluate_pairs(
     chunk_size: int = 128,
     nll_over_prompt: bool = False,
     progress: bool = True,
+    pad_to_multiple_of: int = 1,
 ) -> dict[str, float]:
     """Evaluate ``pairs``; returns plain floats (this is a log point, so syncing is fine).
 
@@ -43,7 +44,7 @@ def evaluate_pairs(
     try:
         batches = range(0, len(ordered), batch_size)
         for start in tqdm(batches, desc="evaluating", disable=not progress or None, leave=False, unit="batch"):
-            batch = collate_pairs(ordered[start : start + batch_size], pad_token_id).to(device)
+            batch = collate_pairs(ordered[start : start + batch_size], pad_token_id, pad_to_multiple_of).to(device)
             chosen = forward_logps(model, batch.chosen, chunk_size, nll_over_prompt)
             rejected = forward_logps(model, batch.rejected, chunk_size, nll_over_prompt)
             chosen_logps.append(chosen.logps.float().cpu())

@@ -80,7 +80,7 @@ def build_optimizer(cfg: OrpoConfig, params: list[torch.nn.Parameter], device: t
 
 
 def micro_batches(
-    pairs: list[TokenizedPair], batch_size: int, seed: int, start: int, pad_token_id: int
+    pairs: list[TokenizedPair], batch_size: int, seed: int, start: int, pad_token_id: int, pad_to_multiple_of: int = 1
 ) -> Iterator[Any]:
     """Endless stream of collated micro-batches, reshuffled each epoch from ``seed + epoch``.
 
@@ -95,7 +95,7 @@ def micro_batches(
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         for position in range(offset, per_epoch):
             chosen = [pairs[i] for i in order[position * batch_size : (position + 1) * batch_size]]
-            yield collate_pairs(chosen, pad_token_id)
+            yield collate_pairs(chosen, pad_token_id, pad_to_multiple_of)
             index += 1
 
 
@@ -159,7 +159,7 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
             return None
         result = evaluate_pairs(
             model, eval_tok, cfg.beta, tokenizer.pad_token_id, device, cfg.eval_batch_size,
-            cfg.logits_chunk_size, cfg.nll_over_prompt,
+            cfg.logits_chunk_size, cfg.nll_over_prompt, pad_to_multiple_of=cfg.pad_to_multiple_of,
         )
         metrics_log.write({"step": state.step, "split": "eval", "tag": tag, **result})
         log(f"eval ({tag}, step {state.step}, {result['pairs']} pairs): reward accuracy "
@@ -168,7 +168,9 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         return result
 
     before = evaluate("before") if state.step == 0 else None
-    batches = micro_batches(train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id)
+    batches = micro_batches(
+        train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id, cfg.pad_to_multiple_of
+    )
     reset_peak_memory(device)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)

@@ -120,3 +120,15 @@ def test_collate_pads_sides_separately_and_concat_pads_together(tiny_tokenizer):
     assert joint.input_ids.shape == (4, max(chosen_len, rejected_len))
     assert joint.num_tokens == batch.chosen.num_tokens + batch.rejected.num_tokens
     assert torch.equal(joint.labels[2, :rejected_len], batch.rejected.labels[0])
+
+
+def test_pad_to_multiple_rounds_width_and_keeps_labels(tiny_tokenizer):
+    tokenized, _ = tokenize_pair(make_pair(), tiny_tokenizer, 256, 128)
+    plain = collate_pairs([tokenized], tiny_tokenizer.pad_token_id)
+    padded = collate_pairs([tokenized], tiny_tokenizer.pad_token_id, pad_to_multiple_of=32)
+    assert padded.chosen.input_ids.shape[1] % 32 == 0
+    assert padded.chosen.input_ids.shape[1] >= plain.chosen.input_ids.shape[1]
+    width = plain.chosen.input_ids.shape[1]
+    assert torch.equal(padded.chosen.labels[:, :width], plain.chosen.labels)
+    assert (padded.chosen.labels[:, width:] == IGNORE_INDEX).all()
+    assert padded.chosen.num_tokens == plain.chosen.num_tokens

@@ -149,3 +149,13 @@ def test_prompt_nll_matches_cross_entropy_over_all_tokens():
     logits = model(input_ids=side.input_ids).logits
     ce = torch.nn.functional.cross_entropy(logits[0, :-1], side.input_ids[0, 1:])
     torch.testing.assert_close(ours.nll[0], ce, rtol=1e-5, atol=1e-6)
+
+
+def test_extra_right_padding_does_not_change_logps():
+    model = tiny_lora_model(checkpointing=False)
+    pairs = random_pairs(3)
+    plain = collate_pairs(pairs, pad_token_id=0)
+    padded = collate_pairs(pairs, pad_token_id=0, pad_to_multiple_of=32)
+    assert padded.chosen.input_ids.shape[1] == 32
+    for a, b in ((plain.chosen, padded.chosen), (plain.rejected, padded.rejected)):
+        torch.testing.assert_close(forward_logps(model, a, 4).logps, forward_logps(model, b, 4).logps, rtol=1e-5, atol=1e-6)
