@@ -477,7 +477,9 @@ def _hh_pair(row: dict[str, Any], columns: _Columns) -> tuple[tuple[Message, ...
         if _HUMAN in text or _ASSISTANT in text:
             # The transcripts diverge one or more turns before their ends: training on this would
             # teach the model to write the user's next turn and its own reply to it.
-            raise _RowProblem(field, "not one assistant turn: the response runs on into further turns")
+            raise _RowProblem(
+                field, "different prompts: the transcripts differ before their last Assistant turn"
+            )
         responses.append(text)
     return prompt, responses[0], responses[1]
 

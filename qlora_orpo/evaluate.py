@@ -3,17 +3,34 @@
 Pairs are batched (longest first, so padding stays small) and run without gradients; only
 one batch's chunked log-probs exist at a time (no full-vocabulary logits, see ``step.py``).
 Metrics are averaged over pairs, not batches, so the last short batch weighs what it holds.
+
+``scripts/evaluate.py`` (:func:`main`) runs the same evaluation outside training: the base
+loaded as training loads it (4-bit NF4 unless ``--quant none``), the held-out split that
+training held out (``data.split_holdout`` with the same ``eval_fraction``, the same
+tokenisation and the same first ``eval_max_pairs``), and, with ``--adapter``, the base alone
+and base + adapter side by side. The base is loaded once: its numbers come from the same
+model with the adapter switched off (``PeftModel.disable_adapter()``). Settings default to
+the adapter's own training config (recorded in its card), so evaluating a run's adapter
+reproduces that run's ``before`` and ``after`` records.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .collate import TokenizedPair, collate_pairs
+from .config import OrpoConfig
+from .errors import UserError
 from .loss import log_odds
 from .step import forward_logps
 
@@ -71,3 +88,271 @@ def summarise(
         "or_loss": or_losses.mean().item(),
         "loss": nll + beta * or_losses.mean().item(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Base and adapter, side by side (scripts/evaluate.py)
+# ---------------------------------------------------------------------------------------------
+
+# What the markdown table shows, in order: (key, label, format).
+TABLE_ROWS = (
+    ("reward_accuracy", "reward accuracy (log-odds w > l)", "{:.3f}"),
+    ("log_odds_ratio", "mean log-odds ratio", "{:+.4f}"),
+    ("reward_margin", "mean reward margin beta * (logp_w - logp_l)", "{:+.5f}"),
+    ("nll", "chosen NLL", "{:.4f}"),
+    ("or_loss", "odds-ratio loss L_OR", "{:.4f}"),
+    ("loss", "ORPO loss", "{:.4f}"),
+)
+# The config fields that decide what is evaluated and how; the rest of a run's config is ignored.
+EVAL_FIELDS = (
+    "model", "data", "data_split", "prompt_field", "chosen_field", "rejected_field", "strict",
+    "eval_fraction", "eval_max_pairs", "max_length", "max_prompt_length", "beta", "nll_over_prompt",
+    "quant", "compute_dtype", "device", "logits_chunk_size", "eval_batch_size", "pad_to_multiple_of",
+)
+
+
+def evaluate_base_and_adapter(
+    model: nn.Module,
+    pairs: Sequence[TokenizedPair],
+    beta: float,
+    pad_token_id: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+    chunk_size: int = 128,
+    nll_over_prompt: bool = False,
+    progress: bool = True,
+    pad_to_multiple_of: int = 1,
+) -> dict[str, dict[str, float] | None]:
+    """``{"base": metrics, "adapter": metrics}`` of :func:`evaluate_pairs` on the same pairs.
+
+    For a peft model the base is the same model inside ``disable_adapter()``, so it is loaded
+    once; for a plain model ``"adapter"`` is None.
+    """
+    kwargs: dict[str, Any] = dict(
+        beta=beta, pad_token_id=pad_token_id, device=device, batch_size=batch_size, chunk_size=chunk_size,
+        nll_over_prompt=nll_over_prompt, progress=progress, pad_to_multiple_of=pad_to_multiple_of,
+    )
+    if not hasattr(model, "disable_adapter"):
+        return {"base": evaluate_pairs(model, pairs, **kwargs), "adapter": None}
+    with model.disable_adapter():
+        base = evaluate_pairs(model, pairs, **kwargs)
+    return {"base": base, "adapter": evaluate_pairs(model, pairs, **kwargs)}
+
+
+def load_base_for_evaluation(cfg: OrpoConfig):
+    """``(model, tokenizer, device)``: the base as ``model.load_model_for_training`` loads it, for inference.
+
+    The same quantisation (NF4/FP4 with double quantisation and ``cfg.compute_dtype``, the
+    unquantised tensors in float32) and the same bitsandbytes CPU work-around, so the numbers
+    equal those of the training run's own evaluations; no LoRA, no gradient checkpointing.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .errors import ModelError
+    from .model import (
+        _import_bitsandbytes_quietly,
+        disable_bnb_cpu_repacking,
+        load_tokenizer,
+        resolve_compute_dtype,
+        resolve_model_path,
+        select_device,
+    )
+
+    path = resolve_model_path(cfg.model)
+    device = select_device(cfg.device)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    tokenizer = load_tokenizer(path)
+    kwargs: dict[str, Any] = {
+        "device_map": {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    }
+    if cfg.quant == "none":
+        kwargs["dtype"] = compute_dtype
+    else:
+        _import_bitsandbytes_quietly(required=True)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant, bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["dtype"] = torch.float32  # as training: embeddings and norms stay float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {cfg.model}: cannot load ({str(exc).strip().splitlines()[0]})") from exc
+    disable_bnb_cpu_repacking(model)  # before any no-grad forward (see its docstring)
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer, device
+
+
+def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: bool = False) -> nn.Module:
+    """``model`` wrapped with the adapter, after ``adapters.load_adapter``'s base fingerprint check."""
+    from .adapters import load_adapter
+
+    return load_adapter(model, tokenizer, adapter_dir, force=force)
+
+
+def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any]]:
+    """The pairs ``train.run`` evaluates on, tokenised; plus a description of where they came from."""
+    from .collate import tokenize_pairs
+    from .data import load_from_config, split_holdout
+
+    if cfg.eval_fraction <= 0:
+        raise UserError("eval_fraction: 0 holds nothing out, so there is nothing to evaluate")
+    data = load_from_config(cfg)
+    _, held = split_holdout(data.pairs, cfg.eval_fraction)
+    tokenized, stats = tokenize_pairs(held, tokenizer, cfg.max_length, cfg.max_prompt_length, progress=False)
+    if cfg.eval_max_pairs:
+        tokenized = tokenized[: cfg.eval_max_pairs]
+    if not tokenized:
+        raise UserError(f"{data.source}: no held-out pair survived tokenisation (eval_fraction {cfg.eval_fraction})")
+    return tokenized, {
+        "data": data.source, "held_out": len(held), "evaluated": len(tokenized),
+        "dropped": len(stats.dropped_rows), "truncated": stats.truncated,
+    }
+
+
+def run_evaluation(
+    cfg: OrpoConfig, adapter: str | Path | None = None, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Load once, evaluate the base and (with ``adapter``) base + adapter on the held-out pairs.
+
+    Returns ``{"settings", "pairs", "base", "adapter"}``; ``adapter`` is None without one.
+    """
+    model, tokenizer, device = load_base_for_evaluation(cfg)
+    if adapter is not None:
+        model = attach_adapter(model, tokenizer, adapter, force=force)
+        model.eval()
+    pairs, where = heldout_pairs(cfg, tokenizer)
+    results = evaluate_base_and_adapter(
+        model, pairs, cfg.beta, tokenizer.pad_token_id, device, cfg.eval_batch_size, cfg.logits_chunk_size,
+        cfg.nll_over_prompt, progress, cfg.pad_to_multiple_of,
+    )
+    settings = {name: getattr(cfg, name) for name in EVAL_FIELDS if hasattr(cfg, name)}
+    settings["adapter"] = str(adapter) if adapter is not None else None
+    settings["device"] = str(device)
+    return {"settings": settings, "pairs": where, **results}
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """The result of :func:`run_evaluation` as a short heading line and a markdown table."""
+    settings, pairs = result["settings"], result["pairs"]
+    base, adapter = result["base"], result.get("adapter")
+    lines = [
+        f"Held-out evaluation: {pairs['evaluated']} pairs (of {pairs['held_out']} held out at eval_fraction "
+        f"{settings['eval_fraction']} from {pairs['data']}), max_length {settings['max_length']}, "
+        f"beta {settings['beta']}, NLL over {'prompt + response' if settings['nll_over_prompt'] else 'response'}, "
+        f"{settings['quant']} base.",
+        "",
+    ]
+    if adapter is None:
+        lines += ["| metric | base |", "|---|---:|"]
+        lines += [f"| {label} | {fmt.format(base[key])} |" for key, label, fmt in TABLE_ROWS]
+    else:
+        lines += ["| metric | base | base + adapter | change |", "|---|---:|---:|---:|"]
+        for key, label, fmt in TABLE_ROWS:
+            change = adapter[key] - base[key]
+            lines.append(f"| {label} | {fmt.format(base[key])} | {fmt.format(adapter[key])} | {change:+.4g} |")
+    return "\n".join(lines)
+
+
+def resolve_eval_config(
+    adapter: str | Path | None, config_file: str | Path | None, overrides: dict[str, Any]
+) -> OrpoConfig:
+    """Defaults < the adapter's training config (its card) < ``config_file`` < ``overrides`` (flags)."""
+    values: dict[str, Any] = {}
+    if adapter is not None:
+        values.update(_adapter_training_config(Path(adapter)))
+    if config_file is not None:
+        values.update(OrpoConfig.read_file(config_file))
+    values.update(overrides)
+    known = {f.name for f in fields(OrpoConfig)}
+    return OrpoConfig.from_dict({k: v for k, v in values.items() if k in known}, source="evaluation settings")
+
+
+def _adapter_training_config(adapter: Path) -> dict[str, Any]:
+    """The evaluation-relevant part of the config an adapter was trained with, if recorded.
+
+    From the card's ``qlora_orpo.training``; for an adapter without a card, from the
+    ``config.yaml`` of the run directory around it (``runs/<name>/adapter``).
+    """
+    values: dict[str, Any] = {}
+    card = adapter / "README.md"
+    if card.is_file():
+        from .adapters import AdapterError, parse_card
+
+        try:
+            training = parse_card(card.read_text(encoding="utf-8"), card)["qlora_orpo"].get("training") or {}
+        except (AdapterError, OSError, UnicodeDecodeError):
+            training = {}
+        values = dict(training) if isinstance(training, dict) else {}
+    elif (adapter.parent / "config.yaml").is_file():
+        values = OrpoConfig.read_file(adapter.parent / "config.yaml")
+    return {k: v for k, v in values.items() if k in EVAL_FIELDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Held-out preference metrics of a base model and base + adapter, side by side. Settings "
+        "default to the adapter's training config (its card), so the held-out split is the one training held out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    add = parser.add_argument
+    add("--adapter", default=None, help="adapter directory (a run's adapter/); without it only the base is evaluated")
+    add("--model", dest="model", help="base model: 'embedded' or a directory (default: the adapter's base)")
+    add("--config", default=None, help="YAML/JSON config file (e.g. a run's config.yaml); flags override it")
+    add("--data", dest="data", help="preference data (as finetune.py --data)")
+    add("--eval-fraction", dest="eval_fraction", type=float, help="share held out, as in training")
+    add("--max-pairs", "--eval-max-pairs", dest="eval_max_pairs", type=int, help="evaluate at most N pairs (0 = all)")
+    add("--max-length", dest="max_length", type=int, help="max tokens of prompt + response")
+    add("--max-prompt-length", dest="max_prompt_length", type=int, help="max prompt tokens")
+    add("--beta", dest="beta", type=float, help="beta of the loss and of the reward margin")
+    add("--nll-over-prompt", dest="nll_over_prompt", action=argparse.BooleanOptionalAction,
+        help="chosen NLL over prompt + response instead of the response")
+    add("--batch-size", "--eval-batch-size", dest="eval_batch_size", type=int, help="pairs per batch")
+    add("--logits-chunk-size", dest="logits_chunk_size", type=int, help="positions per lm_head chunk")
+    add("--quant", dest="quant", choices=("nf4", "fp4", "none"), help="base quantisation (default: as trained)")
+    add("--compute-dtype", dest="compute_dtype", choices=("auto", "bfloat16", "float16", "float32"))
+    add("--device", dest="device", help="auto, cpu, cuda or cuda:N")
+    add("--force", action="store_true", default=False, help="load the adapter even if the base's fingerprint differs")
+    add("--json", dest="json_out", default=None, help="write the results as JSON to this file ('-' for stdout)")
+    add("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
+    return parser
+
+
+ACTION_ARGS = ("adapter", "config", "force", "json_out", "progress")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/evaluate.py``: a markdown table on stdout, JSON with ``--json``."""
+    args = vars(build_parser().parse_args(argv))
+    actions = {name: args.pop(name) for name in ACTION_ARGS}
+    try:
+        cfg = resolve_eval_config(actions["adapter"], actions["config"], args)
+        if actions["adapter"] is not None and "model" not in args:
+            from .adapters import read_adapter, resolve_base
+
+            info = read_adapter(actions["adapter"], require_card=not actions["force"])
+            if info.card is not None:
+                cfg.model = resolve_base(info)  # the card's base: the path trained from, else its name
+        result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    table = markdown_report(result)
+    text = json.dumps(result, indent=2)
+    if actions["json_out"] == "-":
+        print(table, file=sys.stderr)
+        print(text)
+    else:
+        print(table)
+        if actions["json_out"]:
+            Path(actions["json_out"]).write_text(text + "\n")
+    return 0

@@ -207,7 +207,7 @@ def test_hh_response_running_into_further_turns_is_skipped(tmp_path: Path) -> No
         {"chosen": hh("q", "x"), "rejected": hh("q", "y")},
     ]
     row, field, reason = skipped_one(load_preferences(str(write_jsonl(tmp_path / "hh.jsonl", rows))))
-    assert (row, field) == (1, "chosen") and reason.startswith("not one assistant turn")
+    assert (row, field) == (1, "chosen") and reason.startswith("different prompts")
 
 
 def test_column_remapping_and_errors_name_the_users_column(tmp_path: Path) -> None:
@@ -368,7 +368,7 @@ def test_embedded_hh_file() -> None:
     assert data.total_rows == 2312
     # 4 rows have an empty chosen reply; in 5 the two transcripts diverge a turn or more before their
     # ends, so one "response" would contain further Human/Assistant turns.
-    assert data.skip_reasons() == {"not one assistant turn": 5, "empty response": 4}
+    assert data.skip_reasons() == {"different prompts": 5, "empty response": 4}
     assert [s.row for s in data.skipped] == [87, 517, 926, 1104, 1255, 1689, 1951, 1953, 2037]
     assert len(data.pairs) == 2312 - 9
     assert all(p.prompt and p.prompt[-1]["role"] == "user" for p in data.pairs)
