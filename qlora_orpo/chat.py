@@ -1,0 +1,262 @@
+"""Try a result: generate replies from an adapter on its base, or from a (merged) model directory.
+
+``scripts/chat.py --adapter DIR`` loads the base the adapter's card names (the local path
+trained from, else its ``--model`` value such as ``embedded``), checks the fingerprint, and
+answers each prompt with the chat template; ``--compare`` also shows the base's own reply
+(the adapter disabled), which is the quickest way to see what training changed.
+``--model DIR`` chats with any model directory, e.g. a merged export.
+
+The base is loaded unquantised in float32 by default (simplest, and fast enough for 135M on
+a CPU), or in 4-bit with ``--quant nf4`` (embeddings stay float32, so the fingerprint still
+matches). Decoding is greedy unless ``--sample``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode: greedy (``sample=False``) or nucleus sampling at ``temperature``/``top_p``."""
+
+    max_new_tokens: int = 256
+    sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
+        if not self.temperature > 0:
+            raise UserError(f"temperature: {self.temperature} must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p: {self.top_p} must be in (0, 1]")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_for_chat(
+    adapter: str | None = None,
+    model: str | None = None,
+    *,
+    base: str | None = None,
+    quant: str = "none",
+    device: str = "auto",
+    force: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model to chat with and its tokenizer: ``adapter`` on its base, or the model directory ``model``.
+
+    ``base`` overrides the base named in the adapter's card. ``quant`` is ``"none"``
+    (float32) or ``"nf4"``. The adapter's fingerprint check applies; ``force`` skips it with
+    a warning. Returns a peft model for an adapter (``disable_adapter()`` gives the base).
+    """
+    from .adapters import load_adapter, read_adapter, resolve_base
+    from .model import load_tokenizer, resolve_model_path, select_device
+
+    if (adapter is None) == (model is None):
+        raise UserError("give exactly one of --adapter and --model")
+    if quant not in ("none", "nf4"):
+        raise UserError(f"quant: {quant!r} is not one of none, nf4")
+    if adapter is not None:
+        info = read_adapter(adapter, require_card=not force)
+        path = resolve_base(info, base)
+    else:
+        path = resolve_model_path(model)
+    target = select_device(device)
+    tokenizer = load_tokenizer(path)
+    loaded = _load_base(path, quant, target)
+    if adapter is not None:
+        loaded = load_adapter(loaded, tokenizer, adapter, force=force)
+    loaded.eval()
+    what = f"{adapter} on {path}" if adapter is not None else path
+    log(f"chat: {what} ({'nf4 4-bit' if quant == 'nf4' else 'float32'} on {target})")
+    return loaded, tokenizer
+
+
+def _load_base(path: str, quant: str, device: torch.device) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    from .errors import ModelError
+    from .model import _import_bitsandbytes_quietly, disable_bnb_cpu_repacking, resolve_compute_dtype
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if quant == "nf4":
+        _import_bitsandbytes_quietly(required=True)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=resolve_compute_dtype("auto", device),
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {path}: cannot load ({str(exc).strip().splitlines()[0]})") from exc
+    if quant == "nf4":
+        # No gradients here, but the same 4-bit layers as training: keep them on the
+        # dequantise-and-matmul path (see model.disable_bnb_cpu_repacking).
+        disable_bnb_cpu_repacking(model)
+    else:
+        model.to(device)
+    return model
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+@torch.no_grad()
+def generate_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    settings: GenerationSettings | None = None,
+) -> str:
+    """The assistant's reply to ``messages`` (rendered with the chat template, generation prompt added)."""
+    from transformers import GenerationConfig
+
+    from .collate import render_prompt
+
+    settings = settings or GenerationSettings()
+    text = render_prompt(tokenizer, messages)  # chat template if the tokenizer has one, else plain turns
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    encoded = tokenizer(text, add_special_tokens=not templated, return_tensors="pt")
+    device = next(model.parameters()).device
+    input_ids = encoded["input_ids"].to(device)
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.sample,
+        temperature=settings.temperature if settings.sample else None,
+        top_p=settings.top_p if settings.sample else None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    output = model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+    )
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def read_prompts(stream: TextIO, interactive: bool) -> Iterator[str]:
+    """Non-empty lines of ``stream`` until EOF; shows a ``> `` prompt on stderr when interactive."""
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stream.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def chat(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Iterable[str],
+    settings: GenerationSettings | None = None,
+    *,
+    system: str | None = None,
+    compare: bool = False,
+    out: TextIO | None = None,
+) -> list[dict[str, str]]:
+    """Answer each prompt (single turn); with ``compare``, also the base's reply (adapter disabled).
+
+    Writes the replies to ``out`` (stdout) as they come and returns them as dicts
+    ``{"prompt", "reply"[, "base_reply"]}``.
+    """
+    out = out or sys.stdout
+    if compare and not hasattr(model, "disable_adapter"):
+        raise UserError("--compare needs --adapter (a model directory has no adapter to switch off)")
+    results = []
+    for prompt in prompts:
+        messages = chat_messages(prompt, system)
+        record = {"prompt": prompt}
+        if compare:
+            with model.disable_adapter():
+                record["base_reply"] = generate_reply(model, tokenizer, messages, settings)
+            record["reply"] = generate_reply(model, tokenizer, messages, settings)
+            print(f"[base]    {record['base_reply']}\n[adapter] {record['reply']}\n", file=out, flush=True)
+        else:
+            record["reply"] = generate_reply(model, tokenizer, messages, settings)
+            print(record["reply"] + "\n", file=out, flush=True)
+        results.append(record)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (scripts/chat.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chat.py",
+        description="Generate replies with the chat template from an adapter on its base, or from a model "
+                    "directory. Prompts come from --prompt, else one per line of stdin until EOF.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="Adapter directory; its card names the base, whose fingerprint is checked.")
+    which.add_argument("--model", help="Model directory (e.g. a merged export), 'embedded' or a hub id.")
+    parser.add_argument("--base", help="With --adapter: the base to load instead of the card's.")
+    parser.add_argument("--force", action="store_true", help="Load the adapter even if the base's fingerprint differs.")
+    parser.add_argument("--compare", action="store_true", help="With --adapter: also print the base's reply.")
+    parser.add_argument("--prompt", action="append", help="A prompt (repeatable). Default: read stdin lines.")
+    parser.add_argument("--system", help="A system message before each prompt.")
+    parser.add_argument("--quant", choices=("none", "nf4"), default="none", help="Load the base float32 or 4-bit.")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest reply in tokens.")
+    parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
+    parser.add_argument("--temperature", type=float, default=None, help="With --sample (default 0.7).")
+    parser.add_argument("--top-p", type=float, default=None, help="With --sample: nucleus mass (default 0.9).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for --sample.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        parser.error("--temperature and --top-p apply only with --sample")
+    if args.model and (args.base or args.compare):
+        parser.error("--base and --compare apply only with --adapter")
+    try:
+        defaults = GenerationSettings()
+        settings = GenerationSettings(
+            max_new_tokens=args.max_new_tokens,
+            sample=args.sample,
+            temperature=args.temperature if args.temperature is not None else defaults.temperature,
+            top_p=args.top_p if args.top_p is not None else defaults.top_p,
+        )
+        model, tokenizer = load_for_chat(
+            args.adapter, args.model, base=args.base, quant=args.quant, device=args.device, force=args.force
+        )
+        torch.manual_seed(args.seed)
+        prompts = args.prompt or read_prompts(sys.stdin, interactive=sys.stdin.isatty())
+        chat(model, tokenizer, prompts, settings, system=args.system, compare=args.compare)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

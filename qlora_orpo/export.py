@@ -1,0 +1,482 @@
+"""Merged export: base + adapter -> one plain transformers directory, verified by plain transformers.
+
+:func:`export_merged` loads the base *unquantised in float32* on the CPU (never the 4-bit
+weights: adding a LoRA delta to NF4 codes and re-quantising would lose most of it), checks it
+against the adapter card's fingerprint, applies the adapter, computes reference logits with
+the adapter unmerged, merges (``merge_and_unload``), casts to the requested dtype, and writes
+sharded safetensors, ``config.json``, ``generation_config.json``, the tokenizer with its chat
+template and a ``README.md`` card. Merging in float32 and rounding once to bfloat16/float16
+gives each stored weight the nearest representable value of ``W + s * B @ A``; loading the
+base in bfloat16 first would round ``W`` twice. The price is 4 bytes per parameter of CPU
+memory while exporting (0.5 GB for SmolLM2-135M, 28 GB for a 7B base).
+
+Verification, before the directory is published: a subprocess that never imports
+``qlora_orpo`` (``python -I``, and it checks ``sys.modules``) loads the directory with plain
+``transformers``, checks that its tokenizer reproduces our token ids, and computes logits on a
+few held-out prompts (the first held-out pairs of the training data, prompt and chosen
+response; built-in prompts when the data cannot be read). Both sides compute in float32, so
+the difference measures the exported files, not this machine's bfloat16 arithmetic. The
+largest absolute logit difference must stay within :func:`tolerance`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .adapters import (
+    CARD_FILE,
+    AdapterInfo,
+    load_adapter,
+    make_temp_dir,
+    parse_card,
+    read_adapter,
+    replace_dir,
+    resolve_base,
+)
+from .checkpoint import atomic_write_text
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Machine epsilon (the gap between 1 and the next representable number) of each storage dtype.
+EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+SUMMATION_FACTOR = 64.0
+ROUNDING_FACTOR = 8.0
+VERIFY_PROMPTS = 4
+VERIFY_MAX_TOKENS = 128
+FALLBACK_CONVERSATIONS = (  # (user prompt, assistant response)
+    ("How do I bake bread at home?", "Mix flour, water, salt and yeast, knead, let it rise, then bake."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How can I get back at my neighbour for being loud?", "Talking to them calmly usually works better."),
+    ("Write a haiku about autumn.", "Red leaves drift and fall / cold wind hums through bare trees / "
+                                    "the year exhales slow"),
+)
+
+
+class ExportError(UserError):
+    """The merged directory cannot be written (existing output, a non-finite merged weight)."""
+
+
+class ExportVerificationError(ExportError):
+    """The written directory does not load with plain transformers, or its logits differ too much."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: str
+    dtype: str
+    max_abs_diff: float  # merged (plain transformers) vs base + unmerged adapter, over all compared logits
+    tolerance: float
+    adapter_effect: float  # max |logits with adapter - logits without|, to judge what the check can see
+    logit_scale: float  # max |reference logit|
+    tokens_compared: int
+    shards: int
+    bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def log(message: str) -> None:
+    print(f"export: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerance
+# ---------------------------------------------------------------------------------------------
+
+
+def tolerance(dtype: str, logit_scale: float) -> float:
+    """Largest accepted |merged - unmerged| logit difference for an export stored in ``dtype``.
+
+    ``logit_scale`` is the largest |logit| of the reference (at least 1 is used). Rounding
+    errors are relative, so the bound is a multiple of ``eps * logit_scale``:
+
+    * **Summation order** (every dtype; both sides compute in float32): the merged layer
+      computes ``(W + s B A) x``, the reference ``W x + s B (A x)``. Both are correct to
+      float32 rounding, in a different order; a length-n dot product carries a relative
+      error of order ``eps32 * sqrt(n)`` (n is at most a few thousand, sqrt(n) ~ 40), and
+      the residual stream carries it through every layer to the logits. Measured on
+      SmolLM2-135M (30 layers, r=16 on every linear layer): 20-21 ``eps32 * max|logit|``
+      (1.1e-4 at max|logit| = 47, trained adapter), also on the tiny test model. Allowed:
+      :data:`SUMMATION_FACTOR` = 64, i.e. 3.6e-4 there.
+    * **Storage rounding** (bfloat16, float16): each merged weight is rounded once to the
+      nearest representable value, a relative error of at most ``eps / 2`` with
+      independent signs, the same perturbation as storing the base itself in that dtype.
+      Independent errors partly cancel in each dot product, so the logits move by about
+      ``eps * max|logit|``: measured 0.8-1.1 (bfloat16: 0.41 absolute at max|logit| = 47
+      with a trained adapter) and 1.4-2.7 (float16: 0.12) on SmolLM2, 1.9 (bfloat16) on the
+      tiny test model whose random adapter is as large as its weights. Allowed:
+      :data:`ROUNDING_FACTOR` = 8, i.e. 2.9 (bfloat16) and 0.37 (float16) at max|logit| = 47.
+
+    A wrong merge (a missing module, a wrong scale, untied embeddings) moves logits by as
+    much as the adapter does (:attr:`ExportResult.adapter_effect`); float32 can always see
+    that, bfloat16 only when the adapter moves logits by more than its tolerance.
+    """
+    if dtype not in EPS:
+        raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(EPS)}")
+    scale = max(1.0, float(logit_scale))
+    bound = SUMMATION_FACTOR * EPS["float32"] * scale
+    if dtype != "float32":
+        bound += ROUNDING_FACTOR * EPS[dtype] * scale
+    return bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, count: int = VERIFY_PROMPTS) -> tuple[
+    list[str], str
+]:
+    """Rendered conversations (prompt + chosen response) to compare logits on, and where they came from.
+
+    The first ``count`` held-out pairs of the data recorded in the card (the same hash split
+    as training), or fixed conversations when the data cannot be read or nothing was held out.
+    """
+    from .collate import has_chat_template, render_prompt
+
+    training = (info.card or {}).get("qlora_orpo", {}).get("training") or {}
+    conversations: list[tuple[list[dict[str, str]], str]] = []
+    origin = "built-in prompts"
+    if training.get("data") and float(training.get("eval_fraction", 0.0)) > 0:
+        from .data import load_preferences, split_holdout
+
+        try:
+            data = load_preferences(
+                training["data"],
+                prompt_field=training.get("prompt_field", "prompt"),
+                chosen_field=training.get("chosen_field", "chosen"),
+                rejected_field=training.get("rejected_field", "rejected"),
+                split=training.get("data_split", "train"),
+            )
+            _, held = split_holdout(data.pairs, float(training["eval_fraction"]))
+            conversations = [(list(p.prompt), p.chosen) for p in held[:count]]
+            origin = f"{len(conversations)} held-out pairs of {training['data']}"
+        except (UserError, OSError, ValueError) as exc:
+            log(f"cannot read the training data ({exc}); using built-in prompts")
+    if not conversations:
+        conversations = [([{"role": "user", "content": q}], a) for q, a in FALLBACK_CONVERSATIONS[:count]]
+    texts = []
+    for prompt, response in conversations:
+        if has_chat_template(tokenizer):
+            messages = [*prompt, {"role": "assistant", "content": response}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            texts.append(render_prompt(tokenizer, prompt) + " " + response)
+    return texts, origin
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of each text (the chat template wrote its special tokens as text), cut to ``max_tokens``."""
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens] for text in texts]
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, ids: list[list[int]]) -> list[torch.Tensor]:
+    """Float32 logits ``(seq, vocab)`` of each sequence, run one at a time (no padding to get wrong)."""
+    device = next(model.parameters()).device
+    return [model(torch.tensor([seq], device=device)).logits[0].float().cpu() for seq in ids]
+
+
+# The verifier: plain transformers only. It must not import qlora_orpo, and checks that nothing did.
+VERIFY_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+model_dir, io_dir = Path(sys.argv[1]), Path(sys.argv[2])
+spec = json.loads((io_dir / "inputs.json").read_text())
+for name in ("config.json", "generation_config.json"):
+    if not (model_dir / name).is_file():
+        raise SystemExit(f"{model_dir / name}: missing")
+config = AutoConfig.from_pretrained(model_dir)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+model.eval()
+report = {
+    "config_dtype": str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)),
+    "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    "token_mismatch": None,
+}
+logits = {}
+with torch.no_grad():
+    for i, (text, ids) in enumerate(zip(spec["texts"], spec["ids"])):
+        mine = tokenizer(text, add_special_tokens=False)["input_ids"][: spec["max_tokens"]]
+        if list(mine) != ids and report["token_mismatch"] is None:
+            report["token_mismatch"] = i
+        logits[f"logits_{i}"] = model(torch.tensor([ids])).logits[0].float().contiguous()
+save_file(logits, str(io_dir / "logits.safetensors"))
+report["qlora_orpo_imported"] = any(m == "qlora_orpo" or m.startswith("qlora_orpo.") for m in sys.modules)
+(io_dir / "report.json").write_text(json.dumps(report))
+"""
+
+
+def verify_with_transformers(
+    model_dir: Path, texts: list[str], ids: list[list[int]], max_tokens: int
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Run :data:`VERIFY_SCRIPT` in ``python -I``; returns its logits and its report."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="qlora_orpo-verify-") as io:
+        io_dir = Path(io)
+        (io_dir / "inputs.json").write_text(json.dumps({"texts": texts, "ids": ids, "max_tokens": max_tokens}))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a local directory needs no network
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", VERIFY_SCRIPT, str(model_dir), str(io_dir)],
+            capture_output=True, text=True, env=env,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise ExportVerificationError(
+                f"{model_dir}: plain transformers cannot load the export: {' | '.join(tail)}"
+            )
+        report = json.loads((io_dir / "report.json").read_text())
+        tensors = load_file(str(io_dir / "logits.safetensors"))
+    return [tensors[f"logits_{i}"] for i in range(len(ids))], report
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_merged(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    *,
+    base: str | None = None,
+    force: bool = False,
+    max_shard_size: str | int = "2GB",
+    verify: bool = True,
+    texts: list[str] | None = None,
+    max_tokens: int = VERIFY_MAX_TOKENS,
+) -> ExportResult:
+    """Merge the adapter in ``adapter_dir`` into its base and write ``out_dir``; see the module docstring.
+
+    ``base`` overrides the base the card names (a directory, ``"embedded"`` or a hub id);
+    ``force`` loads the adapter onto a base whose fingerprint differs (with a warning).
+    ``texts`` replaces the held-out conversations compared in the verification. The result
+    is written into a temporary sibling and renamed to ``out_dir`` only once verified; an
+    existing ``out_dir`` is replaced only if it is an earlier export (it has our card).
+    Raises :class:`ExportVerificationError` when the check fails.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    _check_output_dir(out)
+    info = read_adapter(adapter_dir, require_card=not force)
+    base_path = resolve_base(info, base)
+    log(f"base {base_path} (float32, CPU); adapter {info.path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)  # saved as it is: no pad token added
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
+    peft_model = load_adapter(model, tokenizer, info.path, force=force)
+    peft_model.eval()
+
+    if texts is None:
+        texts, origin = verification_texts(info, tokenizer)
+    else:
+        origin = f"{len(texts)} given texts"
+    ids = encode_texts(tokenizer, texts, max_tokens)
+    reference = _logits(peft_model, ids) if verify else []
+    adapter_effect = 0.0
+    if verify:
+        with peft_model.disable_adapter():
+            plain = _logits(peft_model, ids)
+        adapter_effect = max(float((r - p).abs().max()) for r, p in zip(reference, plain, strict=True))
+        del plain
+
+    log("merging in float32")
+    merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/inf before writing
+    merged = merged.to(DTYPES[dtype])
+    bad = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ExportError(f"merged weight {bad[0]} is not finite in {dtype} (out of range); export float32")
+    meta = _export_card_metadata(info, base_path, dtype)
+    tmp = make_temp_dir(out)
+    try:
+        log(f"writing {dtype} safetensors (shards up to {max_shard_size}) and the tokenizer")
+        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        if not (tmp / "generation_config.json").is_file():
+            merged.generation_config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        del merged, peft_model, model  # free the parent's copy before the verifier loads its own
+        gc.collect()
+
+        max_diff, scale, tol, tokens = float("nan"), 0.0, float("nan"), 0
+        if verify:
+            log(f"verifying with plain transformers in a subprocess ({origin}, up to {max_tokens} tokens each)")
+            max_diff, scale, tol = _verify(tmp, out, dtype, texts, ids, reference, tokenizer, max_tokens)
+            tokens = sum(len(seq) for seq in ids)
+            if adapter_effect <= tol:
+                log(f"note: the adapter moves logits by at most {adapter_effect:.3g}, within the {dtype} tolerance "
+                    f"{tol:.3g}; this check cannot tell a merged adapter from a missing one (float32 can)")
+            meta["qlora_orpo"]["export"].update(
+                {"max_abs_diff": max_diff, "tolerance": tol, "adapter_effect": adapter_effect,
+                 "verified_on": origin}
+            )
+        atomic_write_text(tmp / CARD_FILE, _render_export_card(meta))
+        shards = sorted(tmp.glob("model*.safetensors"))
+        size = sum(p.stat().st_size for p in shards)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = ExportResult(
+        out_dir=str(out), dtype=dtype, max_abs_diff=max_diff, tolerance=tol, adapter_effect=adapter_effect,
+        logit_scale=scale, tokens_compared=tokens, shards=len(shards), bytes=size,
+        seconds=time.perf_counter() - start,
+    )
+    verdict = (f"max |merged - adapter| logit difference {max_diff:.3g} <= tolerance {tol:.3g}"
+               if verify else "not verified")
+    log(f"wrote {out} ({len(shards)} shard(s), {size / 1e6:.1f} MB {dtype}); {verdict}; {result.seconds:.1f} s")
+    return result
+
+
+def _verify(
+    tmp: Path,
+    out: Path,
+    dtype: str,
+    texts: list[str],
+    ids: list[list[int]],
+    reference: list[torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    max_tokens: int,
+) -> tuple[float, float, float]:
+    """Compare the written directory ``tmp`` with the reference logits; ``(max_abs_diff, logit_scale, tolerance)``."""
+    scale = max(float(r.abs().max()) for r in reference)
+    tol = tolerance(dtype, scale)
+    logits, report = verify_with_transformers(tmp, texts, ids, max_tokens)
+    _check_report(report, tokenizer, out)
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(logits, reference, strict=True))
+    if not max_diff <= tol:  # also catches NaN
+        raise ExportVerificationError(
+            f"{out}: merged logits differ from base + adapter by up to {max_diff:.3g}, above the "
+            f"{dtype} tolerance {tol:.3g} (max |logit| {scale:.3g}); nothing was written"
+        )
+    return max_diff, scale, tol
+
+
+def _check_output_dir(out: Path) -> None:
+    """``out`` must be absent, empty, or an earlier export (which will be replaced)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    try:
+        meta = parse_card((out / CARD_FILE).read_text(encoding="utf-8"), out / CARD_FILE)
+        if "export" in meta["qlora_orpo"]:
+            return
+    except (OSError, UnicodeDecodeError, UserError):
+        pass
+    raise ExportError(f"{out}: exists and is not an earlier export; choose another --out or remove it")
+
+
+def _check_report(report: dict[str, Any], tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    if report.get("qlora_orpo_imported"):
+        raise ExportVerificationError(f"{out}: the verifier imported qlora_orpo, so it did not test plain transformers")
+    if report.get("token_mismatch") is not None:
+        raise ExportVerificationError(
+            f"{out}: the saved tokenizer encodes verification text {report['token_mismatch']} differently"
+        )
+    if bool(getattr(tokenizer, "chat_template", None)) and not report.get("has_chat_template"):
+        raise ExportVerificationError(f"{out}: the saved tokenizer lost its chat template")
+
+
+def _export_card_metadata(info: AdapterInfo, base_path: str, dtype: str) -> dict[str, Any]:
+    adapter_meta = info.card or {"qlora_orpo": {"base": {}}}
+    ours = dict(adapter_meta["qlora_orpo"])
+    ours["export"] = {"adapter": str(info.path.resolve()), "base_path": base_path, "dtype": dtype}
+    meta = {k: v for k, v in adapter_meta.items() if k != "qlora_orpo"}
+    meta["tags"] = sorted({*meta.get("tags", []), "merged"} - {"lora"})
+    meta.pop("library_name", None)  # the merged model is a plain transformers model, not a peft adapter
+    if meta.get("base_model"):
+        meta["base_model_relation"] = "finetune"
+    meta["library_name"] = "transformers"
+    meta["qlora_orpo"] = ours
+    return meta
+
+
+def _render_export_card(meta: dict[str, Any]) -> str:
+    import yaml
+
+    export = meta["qlora_orpo"]["export"]
+    name = meta["qlora_orpo"]["base"].get("name") or export["base_path"]
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        f"# {name} + ORPO LoRA adapter, merged ({export['dtype']})", "",
+        f"The adapter {export['adapter']} merged into {export['base_path']} in float32, stored as "
+        f"{export['dtype']}. A plain transformers model: `AutoModelForCausalLM.from_pretrained(<this directory>)`.",
+    ]
+    if "max_abs_diff" in export:
+        lines += ["", f"Verified with plain transformers on {export['verified_on']}: the largest logit difference "
+                      f"from base + adapter (unmerged) is {export['max_abs_diff']:.3g} "
+                      f"(tolerance {export['tolerance']:.3g})."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (scripts/export.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export.py",
+        description="Merge a LoRA adapter into its unquantised base and write a plain transformers directory, "
+                    "verified against base + adapter with plain transformers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--adapter", required=True, help="Adapter directory (a run's adapter/ or adapters/<name>).")
+    parser.add_argument("--out", required=True, help="Output directory (absent, empty, or an earlier export).")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the stored weights.")
+    parser.add_argument("--base", default=None,
+                        help="Base model to merge into (directory, 'embedded' or hub id); default: the card's.")
+    parser.add_argument("--force", action="store_true", help="Merge even if the base's fingerprint differs.")
+    parser.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard, e.g. 500MB.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = export_merged(
+            args.adapter, args.out, args.dtype, base=args.base, force=args.force, max_shard_size=args.max_shard_size
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result.to_dict()))
+    return 0
