@@ -103,3 +103,8 @@ def test_config_typo_names_the_key(tmp_path, capsys):
     path.write_text("max_step: 3\n")
     assert main(["--dry-run", "--config", str(path)]) == 2
     assert "max_step" in capsys.readouterr().err
+
+
+def test_public_api_names_resolve():
+    for name in qlora_orpo.__all__:
+        assert callable(getattr(qlora_orpo, name)), name
