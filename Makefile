@@ -5,7 +5,7 @@ ARGS ?=
 .PHONY: setup finetune test lint dry-run
 
 setup:
-	@bash scripts/setup_env.sh dev
+	@bash scripts/setup_env.sh dev,bench
 
 finetune: setup
 	$(PY) scripts/finetune.py $(ARGS)

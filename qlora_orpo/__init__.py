@@ -3,8 +3,8 @@
 The public API, imported lazily so that ``import qlora_orpo`` stays cheap (torch,
 transformers and peft load only when a name that needs them is used)::
 
-    from qlora_orpo import OrpoConfig, train, export_merged, load_adapter
-    train(OrpoConfig(max_steps=10))
+    from qlora_orpo import OrpoConfig, finetune, export_merged, load_adapter
+    finetune(OrpoConfig(max_steps=10))
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "OrpoConfig": ("config", "OrpoConfig"),
-    "train": ("train", "run"),
+    "finetune": ("train", "run"),  # not "train": that name is the submodule
     "export_merged": ("export", "export_merged"),
     "load_adapter": ("adapters", "load_adapter"),
     "load_preferences": ("data", "load_preferences"),

@@ -243,7 +243,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"Held-out evaluation: {pairs['evaluated']} pairs (of {pairs['held_out']} held out at eval_fraction "
         f"{settings['eval_fraction']} from {pairs['data']}), max_length {settings['max_length']}, "
         f"beta {settings['beta']}, NLL over {'prompt + response' if settings['nll_over_prompt'] else 'response'}, "
-        f"{settings['quant']} base.",
+        f"{'unquantised' if settings['quant'] == 'none' else settings['quant']} base.",
         "",
     ]
     if adapter is None:
@@ -252,8 +252,9 @@ def markdown_report(result: dict[str, Any]) -> str:
     else:
         lines += ["| metric | base | base + adapter | change |", "|---|---:|---:|---:|"]
         for key, label, fmt in TABLE_ROWS:
-            change = adapter[key] - base[key]
-            lines.append(f"| {label} | {fmt.format(base[key])} | {fmt.format(adapter[key])} | {change:+.4g} |")
+            signed = fmt if "+" in fmt else fmt.replace("{:", "{:+", 1)  # the metric's format, with a sign
+            change = signed.format(adapter[key] - base[key])
+            lines.append(f"| {label} | {fmt.format(base[key])} | {fmt.format(adapter[key])} | {change} |")
     return "\n".join(lines)
 
 
@@ -289,7 +290,8 @@ def _adapter_training_config(adapter: Path) -> dict[str, Any]:
         values = dict(training) if isinstance(training, dict) else {}
     elif (adapter.parent / "config.yaml").is_file():
         values = OrpoConfig.read_file(adapter.parent / "config.yaml")
-    return {k: v for k, v in values.items() if k in EVAL_FIELDS}
+    # The device is this machine's business, not the training machine's.
+    return {k: v for k, v in values.items() if k in EVAL_FIELDS and k != "device"}
 
 
 def build_parser() -> argparse.ArgumentParser:
