@@ -7,8 +7,7 @@ import torch
 from conftest import build_tiny_llama
 from peft import LoraConfig, get_peft_model
 
-from qlora_orpo.collate import SideBatch, collate_pairs
-from qlora_orpo.collate import TokenizedPair
+from qlora_orpo.collate import SideBatch, TokenizedPair, collate_pairs
 from qlora_orpo.loss import IGNORE_INDEX, orpo_loss, sequence_logps
 from qlora_orpo.step import OrpoStep, chunked_token_logps, forward_logps
 

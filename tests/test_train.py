@@ -33,7 +33,7 @@ def tiny_data(tmp_path):
     rng = torch.Generator().manual_seed(0)
     path = tmp_path / "pairs.jsonl"
     with open(path, "w") as handle:
-        for i in range(40):
+        for _ in range(40):
             words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (8,), generator=rng)]
             handle.write(json.dumps({
                 "prompt": " ".join(words[:3]),
