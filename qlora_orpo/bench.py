@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes.util
 import gc
 import json
 import os
@@ -47,6 +46,7 @@ from .floor import ModelShape, memory_floor
 from .memory import (
     MIB,
     apply_cpu_allocator_policy,
+    find_jemalloc,
     malloc_trim,
     peak_memory,
     reset_peak_memory,
@@ -58,13 +58,6 @@ QUICK_LENGTHS = (32, 64)
 ALLOCATORS = ("glibc", "trim", "jemalloc")
 PEER = "trl"
 TRL_MISSING = "trl is not installed (install the bench extra: pip install -e '.[bench]'); TRL row skipped"
-JEMALLOC_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib64/libjemalloc.so.2",
-    "/usr/local/lib/libjemalloc.so.2",
-    "/usr/lib/libjemalloc.so.2",
-)
 
 
 @dataclass(frozen=True)
@@ -322,18 +315,6 @@ def worker_main(spec_json: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # The parent
 # ---------------------------------------------------------------------------------------------
-
-
-def find_jemalloc() -> str | None:
-    """Path of libjemalloc.so.2 (``$JEMALLOC_PATH`` first), or None."""
-    explicit = os.environ.get("JEMALLOC_PATH")
-    if explicit:
-        return explicit if Path(explicit).is_file() else None
-    for candidate in JEMALLOC_CANDIDATES:
-        if Path(candidate).is_file():
-            return candidate
-    found = ctypes.util.find_library("jemalloc")
-    return found if found and Path(found).is_file() else None
 
 
 def _parse_result(stdout: str) -> dict[str, Any] | None:

@@ -114,9 +114,10 @@ class OrpoConfig:
     )
     cpu_allocator: str = _f(
         "auto",
-        "CPU memory policy applied at start-up: 'auto' (jemalloc if preloaded, else glibc with a trim "
-        "threshold), 'glibc' (leave malloc alone), 'trim' (glibc tuned to return freed memory).",
-        ("auto", "glibc", "trim"),
+        "CPU memory policy: 'auto' (jemalloc where the system has libjemalloc.so.2, else glibc trimming), "
+        "'jemalloc' (required), 'trim' (glibc returning freed memory: small peak, about 2x slower steps "
+        "here), 'glibc' (untouched: fast, but peak RSS several times higher). See docs/benchmarks.md.",
+        ("auto", "glibc", "trim", "jemalloc"),
     )
     # --- cadence --------------------------------------------------------------------------
     log_every: int = _f(1, "Optimizer steps between metric log lines.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -154,3 +155,27 @@ def test_trim_policy_returns_freed_memory_that_glibc_keeps():
 
 def test_malloc_trim_returns_bool():
     assert isinstance(malloc_trim(), bool)
+
+
+def _run_reexec(policy: str) -> str:
+    child = "from qlora_orpo.memory import _preloaded_allocator; print(_preloaded_allocator())"
+    code = (
+        "from qlora_orpo.memory import reexec_with_jemalloc\n"
+        f"reexec_with_jemalloc({policy!r}, ['-c', {child!r}])\n"
+        "print('not re-executed')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "QLORA_ORPO_JEMALLOC_REEXEC")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_auto_policy_reexecutes_under_jemalloc_exactly_when_the_library_exists():
+    from qlora_orpo.memory import find_jemalloc
+
+    expected = "jemalloc" if find_jemalloc() else "not re-executed"
+    assert _run_reexec("auto") == expected
+
+
+def test_glibc_policy_never_reexecutes():
+    assert _run_reexec("glibc") == "not re-executed"
