@@ -250,6 +250,8 @@ def apply_cpu_allocator_policy(policy: str) -> str:
         text += f" (rejected: {', '.join(failed)})"
     if preloaded is not None:
         text += f"; note {preloaded} is preloaded and serves malloc"
+    elif policy == "auto":
+        text += " (no libjemalloc.so.2 found: CPU steps run about 2x slower than under jemalloc; apt-get install libjemalloc2)"
     return text
 
 
