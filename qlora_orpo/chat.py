@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, command
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -239,24 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--temperature and --top-p apply only with --sample")
     if args.model and (args.base or args.compare):
         parser.error("--base and --compare apply only with --adapter")
-    try:
-        defaults = GenerationSettings()
-        settings = GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
-            sample=args.sample,
-            temperature=args.temperature if args.temperature is not None else defaults.temperature,
-            top_p=args.top_p if args.top_p is not None else defaults.top_p,
-        )
-        model, tokenizer = load_for_chat(
-            args.adapter, args.model, base=args.base, quant=args.quant, device=args.device, force=args.force
-        )
-        torch.manual_seed(args.seed)
-        prompts = args.prompt or read_prompts(sys.stdin, interactive=sys.stdin.isatty())
-        chat(model, tokenizer, prompts, settings, system=args.system, compare=args.compare)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    defaults = GenerationSettings()
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        temperature=args.temperature if args.temperature is not None else defaults.temperature,
+        top_p=args.top_p if args.top_p is not None else defaults.top_p,
+    )
+    model, tokenizer = load_for_chat(
+        args.adapter, args.model, base=args.base, quant=args.quant, device=args.device, force=args.force
+    )
+    torch.manual_seed(args.seed)
+    prompts = args.prompt or read_prompts(sys.stdin, interactive=sys.stdin.isatty())
+    chat(model, tokenizer, prompts, settings, system=args.system, compare=args.compare)
     return 0

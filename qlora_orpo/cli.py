@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from .config import OrpoConfig
-from .errors import UserError
+from .errors import command
 
 # Flags that are actions of this invocation, not part of the recorded config.
 ACTION_FLAGS = ("config", "dry_run", "resume")
@@ -72,28 +72,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrpoConfig, dict[str, Any
     return OrpoConfig.from_dict(values, source=actions["config"] or "command line"), actions
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/finetune.py``: one-line errors, no tracebacks for user mistakes."""
-    try:
-        cfg, actions = parse_args(argv)
-        if argv is None and not actions["dry_run"]:
-            # A real command line (not a test calling main([...])): jemalloc must be preloaded
-            # at process start, so this may re-execute the script under it.
-            from .memory import reexec_with_jemalloc
+    cfg, actions = parse_args(argv)
+    if argv is None and not actions["dry_run"]:
+        # A real command line (not a test calling main([...])): jemalloc must be preloaded
+        # at process start, so this may re-execute the script under it.
+        from .memory import reexec_with_jemalloc
 
-            reexec_with_jemalloc(cfg.cpu_allocator, sys.argv)
-        if actions["dry_run"]:
-            from .dry_run import dry_run
+        reexec_with_jemalloc(cfg.cpu_allocator, sys.argv)
+    if actions["dry_run"]:
+        from .dry_run import dry_run
 
-            return dry_run(cfg)
-        from .train import run
+        return dry_run(cfg)
+    from .train import run
 
-        run(cfg, resume=actions["resume"])
-        return 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    run(cfg, resume=actions["resume"])
+    return 0
 

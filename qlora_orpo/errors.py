@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """Base of every error caused by input the user can fix (config, data, model path, disk)."""
@@ -30,3 +34,22 @@ class ModelError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss, a failed checkpoint write)."""
+
+
+def command(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Decorate a command-line entry point: a :class:`UserError` becomes one ``error: …`` line on
+    stderr and exit code 2, Ctrl-C exit code 130. Any other exception is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .collate import TokenizedPair, collate_pairs
 from .config import OrpoConfig
-from .errors import UserError
+from .errors import UserError, command
 from .loss import log_odds
 from .step import forward_logps
 
@@ -329,25 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
 ACTION_ARGS = ("adapter", "config", "force", "json_out", "progress")
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/evaluate.py``: a markdown table on stdout, JSON with ``--json``."""
     args = vars(build_parser().parse_args(argv))
     actions = {name: args.pop(name) for name in ACTION_ARGS}
-    try:
-        cfg = resolve_eval_config(actions["adapter"], actions["config"], args)
-        if actions["adapter"] is not None and "model" not in args:
-            from .adapters import read_adapter, resolve_base
+    cfg = resolve_eval_config(actions["adapter"], actions["config"], args)
+    if actions["adapter"] is not None and "model" not in args:
+        from .adapters import read_adapter, resolve_base
 
-            info = read_adapter(actions["adapter"], require_card=not actions["force"])
-            if info.card is not None:
-                cfg.model = resolve_base(info)  # the card's base: the path trained from, else its name
-        result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"])
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        info = read_adapter(actions["adapter"], require_card=not actions["force"])
+        if info.card is not None:
+            cfg.model = resolve_base(info)  # the card's base: the path trained from, else its name
+    result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"])
     table = markdown_report(result)
     text = json.dumps(result, indent=2)
     if actions["json_out"] == "-":

@@ -47,7 +47,7 @@ from .adapters import (
     resolve_base,
 )
 from .checkpoint import atomic_write_text
-from .errors import UserError
+from .errors import UserError, command
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -466,17 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = export_merged(
-            args.adapter, args.out, args.dtype, base=args.base, force=args.force, max_shard_size=args.max_shard_size
-        )
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    result = export_merged(
+        args.adapter, args.out, args.dtype, base=args.base, force=args.force, max_shard_size=args.max_shard_size
+    )
     print(json.dumps(result.to_dict()))
     return 0
