@@ -52,7 +52,8 @@ from .memory import (
     reset_peak_memory,
 )
 
-METHODS = ("trl", "joint", "split")
+METHODS = ("trl", "joint", "sequential", "split")
+DEFAULT_METHODS = ("trl", "joint", "split")
 LENGTHS = (256, 512, 1024, 2048)
 QUICK_LENGTHS = (32, 64)
 ALLOCATORS = ("glibc", "trim", "jemalloc")
@@ -64,7 +65,7 @@ TRL_MISSING = "trl is not installed (install the bench extra: pip install -e '.[
 class BenchSpec:
     """One configuration, as passed to a worker (JSON on its command line)."""
 
-    method: str  # "trl", "joint" or "split"
+    method: str  # "trl", "joint", "sequential" or "split"
     max_length: int
     model: str = EMBEDDED
     quant: str = "nf4"
@@ -560,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--lengths", type=_csv(int), help=f"max_length values (default {LENGTHS}; --quick {QUICK_LENGTHS})")
-    parser.add_argument("--methods", type=_csv(str, METHODS), default=list(METHODS), help="configurations to run")
+    parser.add_argument("--methods", type=_csv(str, METHODS), default=list(DEFAULT_METHODS),
+                        help=f"configurations to run, from {', '.join(METHODS)}")
     parser.add_argument("--allocator", choices=ALLOCATORS, default="trim",
                         help="CPU allocator of every worker: glibc as is, glibc with trimming (what training "
                         "uses here), or jemalloc through LD_PRELOAD (skipped when not found)")
