@@ -72,7 +72,7 @@ class BenchSpec:
     compute_dtype: str = "auto"
     device: str = "auto"
     allocator: str = "trim"  # "glibc", "trim" or "jemalloc"
-    chunk_size: int = 128
+    chunk_size: int = OrpoConfig.logits_chunk_size  # the training default
     beta: float = 0.1
     steps: int = 1
     seed: int = 42
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute dtype of the 4-bit layers (default auto; --quick: float32, so that the "
                         "tiny model's losses can be compared exactly)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--chunk-size", type=int, default=128, help="logits chunk of our step")
+    parser.add_argument("--chunk-size", type=int, default=OrpoConfig.logits_chunk_size, help="logits chunk of our step")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=1,
                         help="optimizer steps per configuration; with more than one the first is left out of the timing")

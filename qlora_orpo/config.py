@@ -106,7 +106,11 @@ class OrpoConfig:
         "gradient; 'sequential' holds both graphs for one backward; 'joint' concatenates them in one forward.",
         ("split", "sequential", "joint"),
     )
-    logits_chunk_size: int = _f(128, "Positions per chunk when computing log-probs through lm_head.")
+    logits_chunk_size: int = _f(
+        64,
+        "Scored positions per lm_head call when computing log-probs (one chunk's logits exist at a time). "
+        "64 measured 213 MiB above baseline against 240-258 MiB for 128 at 1024 tokens, at the same speed.",
+    )
     pad_to_multiple_of: int = _f(
         32,
         "Pad each batch side to a multiple of this many tokens. Bounds the number of distinct tensor "

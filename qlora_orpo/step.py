@@ -150,7 +150,7 @@ class OrpoStep:
         model: nn.Module,
         beta: float,
         mode: str = "split",
-        chunk_size: int = 128,
+        chunk_size: int = 64,
         nll_over_prompt: bool = False,
         pad_token_id: int = 0,
         device: torch.device | str = "cpu",
@@ -203,13 +203,3 @@ class OrpoStep:
         self.backward(loss * scale)
         return loss, metrics
 
-
-@torch.no_grad()
-def evaluate_batch(
-    model: nn.Module, batch: PairBatch, beta: float, chunk_size: int = 128, nll_over_prompt: bool = False
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], SideLogps, SideLogps]:
-    """No-grad ORPO loss and metrics of one batch, plus the per-pair log-probs of both sides."""
-    chosen = forward_logps(model, batch.chosen, chunk_size, nll_over_prompt)
-    rejected = forward_logps(model, batch.rejected, chunk_size, nll_over_prompt)
-    loss, metrics = orpo_loss(chosen.logps, rejected.logps, chosen.nll, beta)
-    return loss, metrics, chosen, rejected
