@@ -112,31 +112,19 @@ EVAL_FIELDS = (
 
 
 def evaluate_base_and_adapter(
-    model: nn.Module,
-    pairs: Sequence[TokenizedPair],
-    beta: float,
-    pad_token_id: int,
-    device: torch.device | str = "cpu",
-    batch_size: int = 4,
-    chunk_size: int = 64,
-    nll_over_prompt: bool = False,
-    progress: bool = True,
-    pad_to_multiple_of: int = 1,
+    model: nn.Module, pairs: Sequence[TokenizedPair], beta: float, pad_token_id: int, **settings: Any
 ) -> dict[str, dict[str, float] | None]:
     """``{"base": metrics, "adapter": metrics}`` of :func:`evaluate_pairs` on the same pairs.
 
-    For a peft model the base is the same model inside ``disable_adapter()``, so it is loaded
-    once; for a plain model ``"adapter"`` is None.
+    ``settings`` are :func:`evaluate_pairs`' keyword arguments (device, batch size, ...). For a
+    peft model the base is the same model inside ``disable_adapter()``, so it is loaded once;
+    for a plain model ``"adapter"`` is None.
     """
-    kwargs: dict[str, Any] = dict(
-        beta=beta, pad_token_id=pad_token_id, device=device, batch_size=batch_size, chunk_size=chunk_size,
-        nll_over_prompt=nll_over_prompt, progress=progress, pad_to_multiple_of=pad_to_multiple_of,
-    )
     if not hasattr(model, "disable_adapter"):
-        return {"base": evaluate_pairs(model, pairs, **kwargs), "adapter": None}
+        return {"base": evaluate_pairs(model, pairs, beta, pad_token_id, **settings), "adapter": None}
     with model.disable_adapter():
-        base = evaluate_pairs(model, pairs, **kwargs)
-    return {"base": base, "adapter": evaluate_pairs(model, pairs, **kwargs)}
+        base = evaluate_pairs(model, pairs, beta, pad_token_id, **settings)
+    return {"base": base, "adapter": evaluate_pairs(model, pairs, beta, pad_token_id, **settings)}
 
 
 def load_base_for_evaluation(cfg: OrpoConfig):
@@ -226,8 +214,9 @@ def run_evaluation(
         model.eval()
     pairs, where = heldout_pairs(cfg, tokenizer)
     results = evaluate_base_and_adapter(
-        model, pairs, cfg.beta, tokenizer.pad_token_id, device, cfg.eval_batch_size, cfg.logits_chunk_size,
-        cfg.nll_over_prompt, progress, cfg.pad_to_multiple_of,
+        model, pairs, cfg.beta, tokenizer.pad_token_id, device=device, batch_size=cfg.eval_batch_size,
+        chunk_size=cfg.logits_chunk_size, nll_over_prompt=cfg.nll_over_prompt, progress=progress,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
     settings = {name: getattr(cfg, name) for name in EVAL_FIELDS if hasattr(cfg, name)}
     settings["adapter"] = str(adapter) if adapter is not None else None
