@@ -86,3 +86,19 @@ def build_tiny_llama(vocab_size: int = 400, hidden: int = 64, layers: int = 2, s
         bos_token_id=0,
     )
     return LlamaForCausalLM(config).float()
+
+
+def random_tokenized_pairs(n: int, vocab_size: int, seed: int = 0, min_length: int = 3):
+    """``n`` TokenizedPairs of random ids (prompt and each response ``min_length`` to 11 tokens, responses end in EOS=2)."""
+    from qlora_orpo.collate import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(k: int) -> tuple[int, ...]:
+        return tuple(torch.randint(3, vocab_size, (k,), generator=g).tolist())
+
+    pairs = []
+    for i in range(n):
+        p, c, r = (int(torch.randint(min_length, 12, (1,), generator=g)) for _ in range(3))
+        pairs.append(TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,), row=i + 1))
+    return pairs

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tokenizer
+from conftest import build_tiny_llama, build_tokenizer, random_tokenized_pairs
 from peft import LoraConfig, get_peft_model
 
 from qlora_orpo.checkpoint import read_metrics
@@ -29,13 +29,7 @@ WORDS = "the quick brown fox jumps over lazy dog hello world capital France Pari
 
 
 def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i in range(n):
-        p, c, r = (int(torch.randint(2, 12, (1,), generator=g)) for _ in range(3))
-        ids = lambda k: tuple(torch.randint(3, VOCAB, (k,), generator=g).tolist())  # noqa: E731
-        pairs.append(TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,), row=i + 1))
-    return pairs
+    return random_tokenized_pairs(n, VOCAB, seed, min_length=2)
 
 
 def lora_model(seed: int = 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, random_tokenized_pairs
 from peft import LoraConfig, get_peft_model
 
 from qlora_orpo.collate import SideBatch, TokenizedPair, collate_pairs
@@ -28,13 +28,7 @@ def tiny_lora_model(dropout: float = 0.0, dtype=torch.float32, checkpointing: bo
 
 
 def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i in range(n):
-        p, c, r = (int(torch.randint(3, 12, (1,), generator=g)) for _ in range(3))
-        ids = lambda k: tuple(torch.randint(3, VOCAB, (k,), generator=g).tolist())  # noqa: E731
-        pairs.append(TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,), row=i + 1))
-    return pairs
+    return random_tokenized_pairs(n, VOCAB, seed, min_length=3)
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
