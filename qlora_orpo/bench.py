@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from .collate import PairBatch, TokenizedPair, collate_pairs, tokenize_pair
+from .collate import PairBatch, TokenizedPair, collate_pairs
+from .templating import tokenize_pair
 from .config import EMBEDDED, OrpoConfig
 from .floor import ModelShape, memory_floor
 from .memory import (

@@ -133,7 +133,7 @@ def generate_reply(
     """The assistant's reply to ``messages`` (rendered with the chat template, generation prompt added)."""
     from transformers import GenerationConfig
 
-    from .collate import render_prompt
+    from .templating import render_prompt
 
     settings = settings or GenerationSettings()
     text = render_prompt(tokenizer, messages)  # chat template if the tokenizer has one, else plain turns

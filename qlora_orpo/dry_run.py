@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .collate import has_chat_template, tokenize_pairs
+from .templating import has_chat_template, tokenize_pairs
 from .config import OrpoConfig
 from .data import PreferenceData, load_from_config, split_holdout
 

@@ -183,7 +183,7 @@ def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: 
 
 def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any]]:
     """The pairs ``train.run`` evaluates on, tokenised; plus a description of where they came from."""
-    from .collate import tokenize_pairs
+    from .templating import tokenize_pairs
     from .data import load_from_config, split_holdout
 
     if cfg.eval_fraction <= 0:

@@ -151,7 +151,7 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
     The first ``count`` held-out pairs of the data recorded in the card (the same hash split
     as training), or fixed conversations when the data cannot be read or nothing was held out.
     """
-    from .collate import has_chat_template, render_prompt
+    from .templating import has_chat_template, render_prompt
 
     training = (info.card or {}).get("qlora_orpo", {}).get("training") or {}
     conversations: list[tuple[list[dict[str, str]], str]] = []

@@ -42,28 +42,74 @@ from .loss import IGNORE_INDEX, orpo_logp_grads, orpo_loss, sequence_logps
 STEP_MODES = ("split", "sequential", "joint")
 
 
-def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+class _GivenHidden(nn.Module):
+    """Stands in for the decoder: returns the hidden states it was handed."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+
+class OutputHead:
+    """The model's own path from final hidden states to logits, ``(n, H) -> (n, V)``.
+
+    Some families transform the ``lm_head`` output in their ``ForCausalLM.forward``:
+    Gemma-2 soft-caps it (``final_logit_softcapping``), Cohere multiplies by
+    ``logit_scale``, Granite divides by ``logits_scaling``. Rather than keep a list of such
+    names, the head runs the model's own forward with its decoder swapped for a module
+    that returns the given hidden states, so whatever that forward does after the
+    decoder is applied, exactly. Models whose decoder is not a direct child fall back to
+    the bare ``lm_head``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = self.base.get_decoder()
+        self.decoder_name = next((n for n, c in self.base.named_children() if c is decoder), None)
+        self.lm_head = self.base.get_output_embeddings()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.decoder_name is None:
+            return self.lm_head(hidden)
+        modules = self.base._modules  # swapped without __setattr__'s checks, restored below
+        decoder = modules[self.decoder_name]
+        modules[self.decoder_name] = _GivenHidden(hidden.unsqueeze(0))
+        try:
+            positions = torch.zeros((1, hidden.shape[0]), dtype=torch.long, device=hidden.device)
+            out = self.base(input_ids=positions, use_cache=False, logits_to_keep=0)
+        finally:
+            modules[self.decoder_name] = decoder
+        return out.logits[0]
+
+
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
     """log P(target) for ``hidden (n, H)`` and ``targets (n,)``; logits ``(n, V)`` live only here."""
-    logits = lm_head(hidden).float()
+    logits = head(hidden).float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def chunked_token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """Per-token log-probs of the labels, computed a chunk of scored positions at a time.
 
     Args:
         hidden: ``(batch, seq, hidden)`` final hidden states, aligned with the inputs.
-        lm_head: the output projection (frozen or LoRA-wrapped; gradients flow through it).
+        head: ``(n, hidden) -> (n, vocab)`` logits, e.g. :class:`OutputHead` or an ``lm_head``
+            (frozen or LoRA-wrapped; gradients flow through it).
         labels: ``(batch, seq)`` input-aligned labels, ``IGNORE_INDEX`` where not scored.
-        chunk_size: scored positions per ``lm_head`` call.
+        chunk_size: scored positions per ``head`` call.
 
     Returns:
         ``(batch, seq - 1)`` log P(labels[:, 1:]) (position t predicts token t+1), float32,
         zero where not scored: feed it to ``loss.sequence_logps`` with ``labels[:, 1:]``.
 
-    Only scored positions reach the ``lm_head`` (prompt and padding cost nothing), and each
+    Only scored positions reach the head (prompt and padding cost nothing), and each
     chunk is checkpointed: its ``(chunk, vocab)`` logits are freed after the forward and
     recomputed in the backward, so logits memory is one chunk, not sequence x vocabulary.
     """
@@ -76,17 +122,11 @@ def chunked_token_logps(
         h = scored_hidden[start : start + chunk_size]
         t = scored_targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_token_logps, h, t, lm_head, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_token_logps, h, t, head, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(h, t, lm_head))
+            pieces.append(_chunk_token_logps(h, t, head))
     flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     return torch.zeros(targets.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
-
-
-def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)`` of a causal LM, through a peft wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
 
 
 @dataclass
@@ -104,10 +144,11 @@ def forward_logps(model: nn.Module, side: SideBatch, chunk_size: int, nll_over_p
     ``nll`` is ``-logps`` (response only, the default), or the mean NLL over prompt and
     response tokens when ``nll_over_prompt`` (the official ORPO code and TRL).
     """
-    decoder, lm_head = causal_lm_parts(model)
+    head = OutputHead(model)
+    decoder = head.base.get_decoder()
     hidden = decoder(input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False).last_hidden_state
     scored = side.prompt_labels if nll_over_prompt else side.labels
-    token_logps = chunked_token_logps(hidden, lm_head, scored, chunk_size)
+    token_logps = chunked_token_logps(hidden, head, scored, chunk_size)
     logps = sequence_logps(token_logps, side.labels[:, 1:])
     nll = -sequence_logps(token_logps, scored[:, 1:]) if nll_over_prompt else -logps
     return SideLogps(logps, nll)

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .collate import TokenizedPair, collate_pairs, tokenize_pairs
+from .collate import TokenizedPair, collate_pairs
+from .templating import tokenize_pairs
 from .config import OrpoConfig
 from .data import load_from_config, split_holdout
 from .errors import TrainingError, UserError

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from qlora_orpo.collate import (
-    collate_pairs,
-    concat_sides,
-    render_prompt,
-    tokenize_pair,
-    tokenize_pairs,
-)
+from qlora_orpo.collate import collate_pairs, concat_sides
+from qlora_orpo.templating import render_prompt, tokenize_pair, tokenize_pairs
 from qlora_orpo.data import PreferencePair
 from qlora_orpo.loss import IGNORE_INDEX
 
@@ -86,8 +81,11 @@ def test_prompt_truncated_from_the_left_then_response_to_fit(tiny_tokenizer):
     cut, info = tokenize_pair(pair, tiny_tokenizer, max_length=40, max_prompt_length=16)
     assert info["truncated_prompt"] == 1 and info["truncated_response"] == 1
     assert cut.truncated
-    # Left truncation keeps the newest prompt tokens (the generation prompt at the end).
-    assert cut.prompt_ids == full.prompt_ids[-16:]
+    # Left truncation keeps the head the template writes before the first user text
+    # (here '<|im_start|>user\n') and the newest prompt tokens (the generation prompt at the end).
+    head = tuple(tiny_tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"])
+    assert cut.prompt_ids == head + full.prompt_ids[-(16 - len(head)):]
+    assert full.prompt_ids[: len(head)] == head
     assert len(cut.prompt_ids) + len(cut.chosen_ids) == 40
     assert cut.chosen_ids == full.chosen_ids[:24]
     assert tiny_tokenizer.eos_token_id not in cut.chosen_ids  # cut responses lose EOS
