@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 from .collate import PairBatch, TokenizedPair, collate_pairs
-from .templating import tokenize_pair
 from .config import EMBEDDED, OrpoConfig
 from .floor import ModelShape, memory_floor
 from .memory import (
@@ -52,6 +51,7 @@ from .memory import (
     peak_memory,
     reset_peak_memory,
 )
+from .templating import tokenize_pair
 
 METHODS = ("trl", "joint", "sequential", "split")
 DEFAULT_METHODS = ("trl", "joint", "split")

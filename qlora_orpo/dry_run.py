@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .templating import has_chat_template, tokenize_pairs
 from .config import OrpoConfig
 from .data import PreferenceData, load_from_config, split_holdout
+from .templating import has_chat_template, tokenize_pairs
 
 
 def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99, 100)) -> dict[str, int]:

@@ -183,8 +183,8 @@ def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: 
 
 def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any]]:
     """The pairs ``train.run`` evaluates on, tokenised; plus a description of where they came from."""
-    from .templating import tokenize_pairs
     from .data import load_from_config, split_holdout
+    from .templating import tokenize_pairs
 
     if cfg.eval_fraction <= 0:
         raise UserError("eval_fraction: 0 holds nothing out, so there is nothing to evaluate")

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .collate import TokenizedPair, collate_pairs
-from .templating import tokenize_pairs
 from .config import OrpoConfig
 from .data import load_from_config, split_holdout
 from .errors import TrainingError, UserError
 from .evaluate import evaluate_pairs
 from .memory import apply_cpu_allocator_policy, format_memory, peak_memory, reset_peak_memory
 from .step import OrpoStep
+from .templating import tokenize_pairs
 
 
 def log(message: str) -> None:

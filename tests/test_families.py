@@ -11,7 +11,14 @@ from families import FAMILIES
 
 from qlora_orpo.data import PreferencePair
 from qlora_orpo.step import OutputHead, chunked_token_logps
-from qlora_orpo.templating import ChatFormat, render_prompt, show_example, stop_token_ids, tokenize_pair, tokenize_pairs
+from qlora_orpo.templating import (
+    ChatFormat,
+    render_prompt,
+    show_example,
+    stop_token_ids,
+    tokenize_pair,
+    tokenize_pairs,
+)
 
 NAMES = sorted(FAMILIES)
 
