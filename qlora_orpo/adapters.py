@@ -388,13 +388,13 @@ def save_adapter(
     new one is complete). ``adapter_config.json`` names the base by its hub id where one is
     known; the card keeps the local path trained from.
     """
-    from .model import _quiet_checkpointing_renames
+    from .model import quiet_checkpointing_renames
 
     target = Path(adapter_dir)
     meta = card_metadata(model, tokenizer, cfg, data, metrics)
     tmp = make_temp_dir(target)
     try:
-        with _quiet_checkpointing_renames():
+        with quiet_checkpointing_renames():
             model.save_pretrained(str(tmp), safe_serialization=True)
         config_path = tmp / CONFIG_FILE
         peft_config = json.loads(config_path.read_text())
@@ -509,9 +509,9 @@ def load_adapter(
     :class:`AdapterError` naming the file. Load the base in float32 or 4-bit: a bfloat16 copy
     of a float32 checkpoint has other embedding bytes.
     """
-    from .model import _import_bitsandbytes_quietly
+    from .bnb_cpu import import_bitsandbytes_quietly
 
-    _import_bitsandbytes_quietly(required=False)  # before peft imports it: without its hub-kernel warning
+    import_bitsandbytes_quietly(required=False)  # before peft imports it: without its hub-kernel warning
     from peft import PeftModel
 
     info = read_adapter(adapter_dir, require_card=not force)
@@ -532,6 +532,6 @@ def load_adapter(
         if "missing adapter keys" in text and not force:
             raise AdapterMismatchError(f"{weights}: {text.splitlines()[0]}")
         if issubclass(warning.category, FutureWarning) and "gradient_checkpointing" in text:
-            continue  # transformers 5 telling peft about renamed methods (see model._quiet_checkpointing_renames)
+            continue  # transformers 5 telling peft about renamed methods (see model.quiet_checkpointing_renames)
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return peft_model

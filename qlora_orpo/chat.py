@@ -17,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -65,7 +65,7 @@ def load_for_chat(
     a warning. Returns a peft model for an adapter (``disable_adapter()`` gives the base).
     """
     from .adapters import load_adapter, read_adapter, resolve_base
-    from .model import load_tokenizer, resolve_model_path, select_device
+    from .model import load_base, load_tokenizer, resolve_compute_dtype, resolve_model_path, select_device
 
     if (adapter is None) == (model is None):
         raise UserError("give exactly one of --adapter and --model")
@@ -78,44 +78,16 @@ def load_for_chat(
         path = resolve_model_path(model)
     target = select_device(device)
     tokenizer = load_tokenizer(path)
-    loaded = _load_base(path, quant, target)
+    # Unquantised: float32 (simplest, fast enough for small models on a CPU). 4-bit: the
+    # same layers as training; embeddings stay float32 on the CPU, so the fingerprint matches.
+    compute = resolve_compute_dtype("auto", target) if quant == "nf4" else torch.float32
+    loaded = load_base(path, quant, target, compute, dtype=torch.float32)
     if adapter is not None:
         loaded = load_adapter(loaded, tokenizer, adapter, force=force)
     loaded.eval()
     what = f"{adapter} on {path}" if adapter is not None else path
     log(f"chat: {what} ({'nf4 4-bit' if quant == 'nf4' else 'float32'} on {target})")
     return loaded, tokenizer
-
-
-def _load_base(path: str, quant: str, device: torch.device) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
-
-    from .errors import ModelError
-    from .model import _import_bitsandbytes_quietly, disable_bnb_cpu_repacking, resolve_compute_dtype
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if quant == "nf4":
-        _import_bitsandbytes_quietly(required=True)
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=resolve_compute_dtype("auto", device),
-        )
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {path}: cannot load ({str(exc).strip().splitlines()[0]})") from exc
-    if quant == "nf4":
-        # No gradients here, but the same 4-bit layers as training: keep them on the
-        # dequantise-and-matmul path (see model.disable_bnb_cpu_repacking).
-        disable_bnb_cpu_repacking(model)
-    else:
-        model.to(device)
-    return model
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
@@ -133,7 +105,7 @@ def generate_reply(
     """The assistant's reply to ``messages`` (rendered with the chat template, generation prompt added)."""
     from transformers import GenerationConfig
 
-    from .templating import render_prompt
+    from .templating import render_prompt, stop_token_ids
 
     settings = settings or GenerationSettings()
     text = render_prompt(tokenizer, messages)  # chat template if the tokenizer has one, else plain turns
@@ -146,7 +118,9 @@ def generate_reply(
         do_sample=settings.sample,
         temperature=settings.temperature if settings.sample else None,
         top_p=settings.top_p if settings.sample else None,
-        eos_token_id=tokenizer.eos_token_id,
+        # The template's end-of-turn (<|eot_id|>, <end_of_turn>, <|im_end|>…) and EOS: a chat
+        # model ends its turn with the former, which is often not the tokenizer's EOS.
+        eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     output = model.generate(

@@ -130,47 +130,19 @@ def evaluate_base_and_adapter(
 def load_base_for_evaluation(cfg: OrpoConfig):
     """``(model, tokenizer, device)``: the base as ``model.load_model_for_training`` loads it, for inference.
 
-    The same quantisation (NF4/FP4 with double quantisation and ``cfg.compute_dtype``, the
-    unquantised tensors in float32) and the same bitsandbytes CPU work-around, so the numbers
-    equal those of the training run's own evaluations; no LoRA, no gradient checkpointing.
+    The same loader (``model.load_base``: quantisation, compute dtype, the bitsandbytes CPU
+    work-around) as training, so on the CPU the numbers equal those of the training run's
+    own evaluations; no LoRA, no gradient checkpointing.
     """
-    from transformers import AutoModelForCausalLM
-
-    from .errors import ModelError
-    from .model import (
-        _import_bitsandbytes_quietly,
-        disable_bnb_cpu_repacking,
-        load_tokenizer,
-        resolve_compute_dtype,
-        resolve_model_path,
-        select_device,
-    )
+    from .model import load_base, load_tokenizer, resolve_compute_dtype, resolve_model_path, select_device
 
     path = resolve_model_path(cfg.model)
     device = select_device(cfg.device)
-    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     tokenizer = load_tokenizer(path)
-    kwargs: dict[str, Any] = {
-        "device_map": {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-    }
-    if cfg.quant == "none":
-        kwargs["dtype"] = compute_dtype
-    else:
-        _import_bitsandbytes_quietly(required=True)
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant, bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        kwargs["dtype"] = torch.float32  # as training: embeddings and norms stay float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {cfg.model}: cannot load ({str(exc).strip().splitlines()[0]})") from exc
-    disable_bnb_cpu_repacking(model)  # before any no-grad forward (see its docstring)
-    model.requires_grad_(False)
-    model.eval()
+    # Unquantised tensors in float32 on every device: the adapter's fingerprint check hashes
+    # the embedding bytes of the float32 checkpoint (a 16-bit copy has other bytes).
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    model = load_base(path, cfg.quant, device, compute_dtype, dtype=torch.float32, name=cfg.model)
     return model, tokenizer, device
 
 

@@ -281,7 +281,9 @@ def export_merged(
     existing ``out_dir`` is replaced only if it is an earlier export (it has our card).
     Raises :class:`ExportVerificationError` when the check fails.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .model import load_base
 
     start = time.perf_counter()
     if dtype not in DTYPES:
@@ -293,9 +295,10 @@ def export_merged(
     log(f"base {base_path} (float32, CPU); adapter {info.path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_path)  # saved as it is: no pad token added
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
+        raise ExportError(f"base {base_path}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from exc
+    # Merging happens in float32 on the CPU, never into 4-bit weights.
+    model = load_base(base_path, "none", "cpu", torch.float32)
     peft_model = load_adapter(model, tokenizer, info.path, force=force)
     peft_model.eval()
 

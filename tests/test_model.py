@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora_orpo import embedded as E
 from qlora_orpo import model as M
 from qlora_orpo.config import OrpoConfig
 from qlora_orpo.errors import ConfigError, ModelError
@@ -108,7 +109,7 @@ def _packed(model) -> int:
 
 @pytest.fixture(scope="module")
 def embedded_dir() -> Path:
-    return M.embedded_model_dir()
+    return E.embedded_model_dir()
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +136,10 @@ def test_converted_dir_is_a_plain_transformers_model_with_the_gguf_logits(embedd
         keys = set(fh.keys())
         assert fh.get_slice("model.embed_tokens.weight").get_dtype() == "F32"
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
-    marker = json.loads((embedded_dir / M.MARKER_FILE).read_text())
-    assert marker["gguf_sha256"] == M._sha256(M.embedded_gguf_path())
+    marker = json.loads((embedded_dir / E.MARKER_FILE).read_text())
+    assert marker["gguf_sha256"] == E._sha256(E.embedded_gguf_path())
 
-    gguf = M.embedded_gguf_path()
+    gguf = E.embedded_gguf_path()
     converted = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -165,8 +166,8 @@ def test_converted_dir_is_a_plain_transformers_model_with_the_gguf_logits(embedd
 
 @pytest.mark.integration
 def test_conversion_is_reused(embedded_dir, monkeypatch):
-    monkeypatch.setattr(M, "_convert_gguf", lambda *a: pytest.fail("converted again"))
-    assert M.embedded_model_dir() == embedded_dir
+    monkeypatch.setattr(E, "_convert_gguf", lambda *a: pytest.fail("converted again"))
+    assert E.embedded_model_dir() == embedded_dir
 
 
 def _fake_converter(calls: list[Path], fail: bool = False):
@@ -175,47 +176,47 @@ def _fake_converter(calls: list[Path], fail: bool = False):
         (out / "config.json").write_text("{}")
         if fail:
             raise RuntimeError("killed half-way")
-        (out / M.MARKER_FILE).write_text(json.dumps(M._source_marker(gguf)))
+        (out / E.MARKER_FILE).write_text(json.dumps(E._source_marker(gguf)))
 
     return convert
 
 
 def test_stale_cache_is_replaced_atomically(tmp_path, monkeypatch):
-    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path))
-    stale = tmp_path / M.EMBEDDED_DIRNAME
+    monkeypatch.setenv(E.CACHE_ENV, str(tmp_path))
+    stale = tmp_path / E.EMBEDDED_DIRNAME
     stale.mkdir()
-    marker = M._source_marker(M.embedded_gguf_path()) | {"gguf_sha256": "0" * 64, "gguf_mtime_ns": 1}
-    (stale / M.MARKER_FILE).write_text(json.dumps(marker))
+    marker = E._source_marker(E.embedded_gguf_path()) | {"gguf_sha256": "0" * 64, "gguf_mtime_ns": 1}
+    (stale / E.MARKER_FILE).write_text(json.dumps(marker))
     (stale / "old-file").write_text("from another package version")
-    (tmp_path / f".{M.EMBEDDED_DIRNAME}.tmp-killed").mkdir()  # left by a killed conversion
+    (tmp_path / f".{E.EMBEDDED_DIRNAME}.tmp-killed").mkdir()  # left by a killed conversion
 
     # A failing conversion leaves the stale cache as it was and no half-written directory.
     calls: list[Path] = []
-    monkeypatch.setattr(M, "_convert_gguf", _fake_converter(calls, fail=True))
+    monkeypatch.setattr(E, "_convert_gguf", _fake_converter(calls, fail=True))
     with pytest.raises(RuntimeError, match="half-way"):
-        M.embedded_model_dir()
+        E.embedded_model_dir()
     assert (stale / "old-file").exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [M.EMBEDDED_DIRNAME]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [E.EMBEDDED_DIRNAME]
 
     # A different GGUF (sha) triggers a fresh conversion that replaces the old directory.
-    monkeypatch.setattr(M, "_convert_gguf", _fake_converter(calls))
-    assert M.embedded_model_dir() == stale
+    monkeypatch.setattr(E, "_convert_gguf", _fake_converter(calls))
+    assert E.embedded_model_dir() == stale
     assert len(calls) == 2 and not (stale / "old-file").exists() and (stale / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [M.EMBEDDED_DIRNAME]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [E.EMBEDDED_DIRNAME]
 
     # Current now: no conversion, even when only the mtime changed (re-install of the same file).
-    monkeypatch.setattr(M, "_convert_gguf", lambda *a: pytest.fail("converted again"))
-    marker = json.loads((stale / M.MARKER_FILE).read_text()) | {"gguf_mtime_ns": 1}
-    (stale / M.MARKER_FILE).write_text(json.dumps(marker))
-    assert M.embedded_model_dir() == stale
+    monkeypatch.setattr(E, "_convert_gguf", lambda *a: pytest.fail("converted again"))
+    marker = json.loads((stale / E.MARKER_FILE).read_text()) | {"gguf_mtime_ns": 1}
+    (stale / E.MARKER_FILE).write_text(json.dumps(marker))
+    assert E.embedded_model_dir() == stale
 
 
 def test_unwritable_cache_is_a_model_error(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    monkeypatch.setenv(M.CACHE_ENV, str(blocker / "cache"))
-    with pytest.raises(ModelError, match=M.CACHE_ENV):
-        M.embedded_model_dir()
+    monkeypatch.setenv(E.CACHE_ENV, str(blocker / "cache"))
+    with pytest.raises(ModelError, match=E.CACHE_ENV):
+        E.embedded_model_dir()
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_without_the_workaround_eval_breaks_lora_gradients(embedded_dir):
     """Shows the bug that disable_bnb_cpu_repacking works around, and that it also repairs it."""
     cfg = OrpoConfig(device="cpu", lora_dropout=0.0)
     model, tokenizer, info = M.load_model_for_training(cfg)
-    assert info.repacking_disabled == 7 * N_LAYERS
+    assert all(not m.support_avx512bf16_for_cpu for m in _linear4bit(model))
     batch = _batch(tokenizer)
 
     _set_lora_b(model, seed=1)
@@ -362,7 +363,6 @@ def test_trainable_parameters_are_exactly_the_lora_parameters(lora_model):
     layers = _linear4bit(model)
     assert len(layers) == 7 * N_LAYERS
     assert all(not getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
-    assert info.repacking_disabled == (7 * N_LAYERS if bnb.functional.has_avx512bf16() else 0)
     assert len([n for n in trainable if "lora_A" in n]) == len(layers)
 
 
@@ -480,10 +480,20 @@ def test_resolve_compute_dtype():
     assert M.resolve_compute_dtype("bfloat16", cpu) == torch.bfloat16
     assert M.resolve_compute_dtype("float16", cpu) == torch.float16
     assert M.resolve_compute_dtype("auto", cpu) in (torch.bfloat16, torch.float32)
-    if _cpu_has_avx512_bf16():
-        assert M.resolve_compute_dtype("auto", cpu) == torch.bfloat16
     with pytest.raises(ConfigError):
         M.resolve_compute_dtype("int8", cpu)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_on_cuda_counts_only_native_bf16(monkeypatch, capability, expected):
+    # A T4 (7.5) reports is_bf16_supported() == True through emulation; it gets float16.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cuda = torch.device("cuda")
+    assert M.resolve_compute_dtype("auto", cuda) == expected
+    # The residual stream (embeddings, norms) follows the compute dtype on CUDA, stays float32 on the CPU.
+    assert M.residual_dtype(cuda, expected) == expected
+    assert M.residual_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
 
 
 def test_model_module_imports_without_loading_heavy_libraries():
