@@ -55,23 +55,45 @@ class TrainState:
 # -- optimizer state <-> safetensors + JSON ---------------------------------------------------
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into safetensors-ready tensors and JSON-ready values.
+
+    Keys are ``"<param index>.<slot>"``; a nested slot (bitsandbytes' 8-bit optimizers keep
+    theirs under ``__bnb_optimizer_quant_state__``) continues with ``/<name>`` per level.
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
+    seen: set[int] = set()
+
+    def visit(key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            if tensor.untyped_storage().data_ptr() in seen:  # safetensors stores no shared memory
+                tensor = tensor.clone()  # (bitsandbytes shares one quantisation map between params)
+            seen.add(tensor.untyped_storage().data_ptr())
+            tensors[key] = tensor
+        elif isinstance(value, dict):
+            if not value:
+                scalars[key] = {}
+            for name, item in value.items():
+                visit(f"{key}/{name}", item)
+        else:
+            scalars[key] = value
+
     for index, slots in state_dict["state"].items():
         for name, value in slots.items():
-            key = f"{index}.{name}"
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
-            else:
-                scalars[key] = value
+            visit(f"{index}.{name}", value)
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, path = key.split(".", 1)
+        *parents, name = path.split("/")
+        slot = state.setdefault(int(index), {})
+        for parent in parents:
+            slot = slot.setdefault(parent, {})
+        slot[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -72,11 +72,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrpoConfig, dict[str, Any
     return OrpoConfig.from_dict(values, source=actions["config"] or "command line"), actions
 
 
+def _runs_on_cpu(cfg: OrpoConfig) -> bool:
+    from .model import select_device
+
+    return select_device(cfg.device).type == "cpu"
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/finetune.py``: one-line errors, no tracebacks for user mistakes."""
     cfg, actions = parse_args(argv)
-    if argv is None and not actions["dry_run"]:
+    if argv is None and not actions["dry_run"] and _runs_on_cpu(cfg):
         # A real command line (not a test calling main([...])): jemalloc must be preloaded
         # at process start, so this may re-execute the script under it.
         from .memory import reexec_with_jemalloc

@@ -108,7 +108,11 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     """Train as ``cfg`` says; returns the summary that is also logged. See ``finetune.py --help``."""
     from .model import load_model_for_training
 
-    allocator = apply_cpu_allocator_policy(cfg.cpu_allocator)
+    from .model import select_device
+
+    # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
+    on_cpu = select_device(cfg.device).type == "cpu"
+    allocator = apply_cpu_allocator_policy(cfg.cpu_allocator) if on_cpu else "CUDA caching allocator"
     run_dir = resolve_run_dir(cfg, resume)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume:
@@ -141,6 +145,9 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         raise UserError("no training pair survived tokenisation (check max_length and max_prompt_length)")
     log(f"tokenised: {len(train_tok)} train pairs ({train_stats.truncated} truncated, "
         f"{len(train_stats.dropped_rows)} dropped), {len(eval_tok)} eval pairs")
+    if train_stats.system_folded:
+        log(f"  the chat template refuses a system turn: folded it into the first user turn in "
+            f"{train_stats.system_folded} train prompts")
 
     device = info.device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,8 +158,11 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if resume else None)
+    # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
+    scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
     step_fn = OrpoStep(
-        model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device
+        model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
+        backward=lambda loss: scaler.scale(loss).backward(),
     )
 
     def evaluate(tag: str) -> dict[str, float] | None:
@@ -180,6 +190,7 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     try:
         while state.step < total_steps:
             sums: dict[str, torch.Tensor] = {}
+            rows: list[int] = []
             for _ in range(cfg.grad_accum):
                 out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum)
                 if not torch.isfinite(out.loss):  # one sync per micro-batch: a NaN must not reach the weights
@@ -187,13 +198,25 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
                         f"non-finite loss ({float(out.loss)}) at step {state.step + 1}, pair rows {out.rows} of "
                         f"{data.source}; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
                     )
+                rows += out.rows
                 for key, value in {"loss": out.loss, **out.metrics}.items():
                     sums[key] = sums.get(key, 0) + value / cfg.grad_accum
                 state.micro_batches += 1
                 state.tokens += out.num_tokens
                 window_tokens += out.num_tokens
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            optimizer.step()
+            # A finite loss can still give a non-finite gradient (the split step's rejected
+            # pass is checked by nothing else): it must never reach the weights. Under float16
+            # loss scaling an overflow is expected, and the scaler skips that step itself.
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+                raise TrainingError(
+                    f"non-finite gradient norm ({float(grad_norm)}) at step {state.step + 1}, pair rows {rows} of "
+                    f"{data.source}; the weights were not updated; last good checkpoint: "
+                    f"{latest_checkpoint(run_dir) or 'none'}"
+                )
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1

@@ -114,6 +114,69 @@ def test_non_finite_loss_stops_with_step_and_rows(tmp_path, tiny_model_dir, tiny
         run(cfg)
 
 
+def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    """A finite loss whose gradient is NaN (as a bad rejected pass in the split step gives) stops the run."""
+    import qlora_orpo.step as step
+    from safetensors.torch import load_file
+
+    calls = {"n": 0}
+    real = step.OrpoStep.__call__
+
+    def poisoned(self, batch, loss_scale=1.0):
+        out = real(self, batch, loss_scale)
+        calls["n"] += 1
+        if calls["n"] == 6:  # second micro-batch of step 3
+            lora = next(p for n, p in self.model.named_parameters() if "lora_B" in n)
+            lora.grad[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(step.OrpoStep, "__call__", poisoned)
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data)
+    with pytest.raises(TrainingError, match=r"non-finite gradient norm \(nan\) at step 3, pair rows \[\d+, \d+, \d+, \d+\].*"
+                                            r"weights were not updated.*step-000002"):
+        run(cfg)
+    # The checkpoint of step 2 is the latest; nothing NaN was saved anywhere.
+    run_dir = tmp_path / "runs" / "t"
+    assert latest_checkpoint(run_dir).name == "step-000002"
+    weights = load_file(str(latest_checkpoint(run_dir) / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_8bit_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    """bitsandbytes' 8-bit AdamW keeps a nested dict of quantised state; a checkpoint must hold it (no pickle)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from qlora_orpo.checkpoint import _flatten_optimizer, _unflatten_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(4096 + 7)), torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(9))]
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
+    # Its state is built on the CPU (only stepping needs CUDA).
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            optimizer.init_state(group, p, gi, pi)
+            optimizer.state[p]["step"] = 7
+            for name, value in optimizer.state[p].items():
+                if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+                    value.random_(0, 255)
+    saved = optimizer.state_dict()
+    assert any(isinstance(v, dict) for slots in saved["state"].values() for v in slots.values())
+    tensors, meta = _flatten_optimizer(saved)
+    from safetensors.torch import load_file, save_file
+
+    save_file(tensors, str(tmp_path / "optimizer.safetensors"))
+    meta = json.loads(json.dumps(meta))
+    restored = _unflatten_optimizer(load_file(str(tmp_path / "optimizer.safetensors")), meta)
+    fresh = bnb.optim.AdamW8bit([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3)
+    fresh.load_state_dict(restored)
+    for before, after in zip(optimizer.param_groups[0]["params"], fresh.param_groups[0]["params"], strict=True):
+        a, b = optimizer.state[before], fresh.state[after]
+        assert a.keys() == b.keys()
+        for name in a:
+            if isinstance(a[name], torch.Tensor):
+                assert torch.equal(a[name], b[name]), name
+            else:
+                assert a[name] == b[name], name
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path, tiny_model_dir, tiny_data):
     cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, max_steps=2)
     run(cfg)
