@@ -17,7 +17,7 @@ from .config import OrpoConfig
 from .errors import command
 
 # Flags that are actions of this invocation, not part of the recorded config.
-ACTION_FLAGS = ("config", "dry_run", "resume")
+ACTION_FLAGS = ("config", "dry_run", "resume", "show_examples")
 
 
 def build_parser(prog: str = "finetune.py", description: str | None = None) -> argparse.ArgumentParser:
@@ -33,6 +33,13 @@ def build_parser(prog: str = "finetune.py", description: str | None = None) -> a
         "--dry-run",
         action="store_true",
         help="Load the config, data and tokenizer, print what would be trained on, and exit.",
+    )
+    parser.add_argument(
+        "--show-examples",
+        type=int,
+        metavar="N",
+        help="With --dry-run: print the first N tokenised training pairs as text, each reply's trained "
+        "(labelled) span between [[ and ]], closing tokens included.",
     )
     parser.add_argument(
         "--resume",
@@ -65,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrpoConfig, dict[str, Any
     actions = {name: namespace.pop(name, None) for name in ACTION_FLAGS}
     actions["dry_run"] = bool(actions["dry_run"])
     actions["resume"] = bool(actions["resume"])
+    actions["show_examples"] = int(actions["show_examples"] or 0)
+    if actions["show_examples"] < 0:
+        parser.error("--show-examples: N must be >= 0")
     values: dict[str, Any] = {}
     if actions["config"]:
         values.update(OrpoConfig.read_file(actions["config"]))
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if actions["dry_run"]:
         from .dry_run import dry_run
 
-        return dry_run(cfg)
+        return dry_run(cfg, show_examples=actions["show_examples"])
     from .train import run
 
     run(cfg, resume=actions["resume"])

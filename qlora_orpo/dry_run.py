@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import OrpoConfig
 from .data import PreferenceData, load_from_config, split_holdout
-from .templating import has_chat_template, tokenize_pairs
+from .templating import ChatFormat, has_chat_template, show_example, tokenize_pairs
 
 
 def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99, 100)) -> dict[str, int]:
@@ -32,7 +32,7 @@ def describe_data(data: PreferenceData) -> list[str]:
     return lines
 
 
-def dry_run(cfg: OrpoConfig) -> int:
+def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
     from .model import load_tokenizer, resolve_model_path
 
     data = load_from_config(cfg)
@@ -45,17 +45,29 @@ def dry_run(cfg: OrpoConfig) -> int:
     lines += [
         f"split:     {len(train_pairs)} train / {len(eval_pairs)} held out (eval_fraction={cfg.eval_fraction})",
         f"model:     {model_path}",
-        f"template:  {'chat template' if has_chat_template(tokenizer) else 'plain prompt + response (no chat template)'}",
+        f"template:  {_describe_template(tokenizer)}",
         f"lengths:   max_length={cfg.max_length}, max_prompt_length={cfg.max_prompt_length} (tokens, before truncation)",
         f"  prompt   {_fmt(percentiles(train_stats.prompt_lengths))}",
         f"  pair     {_fmt(percentiles(train_stats.sequence_lengths))}  (prompt + longer response)",
         f"truncated: {train_stats.truncated_prompt} prompts, {train_stats.truncated_response} pairs' responses (train)",
         f"dropped:   {len(train_stats.dropped_rows) + len(eval_stats.dropped_rows)} pairs with an empty response after truncation",
+        f"system:    {train_stats.system_folded} train prompts had their system turn folded into the first user turn"
+        if train_stats.system_folded else "system:    kept as the template writes it (or none in the data)",
         f"trainable: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs after tokenisation",
-        "dry run: nothing trained.",
     ]
+    lines += [show_example(tokenizer, pair) for pair in train_tok[:show_examples]]
+    lines.append("dry run: nothing trained.")
     print("\n".join(lines))
     return 0
+
+
+def _describe_template(tokenizer) -> str:
+    fmt = ChatFormat.of(tokenizer)
+    end = tokenizer.decode(list(fmt.end_ids), skip_special_tokens=False)
+    if not has_chat_template(tokenizer):
+        return f"plain prompt + response (no chat template); replies end with {end!r}"
+    refuses = "; refuses a system turn (folded into the first user turn)" if fmt.folds_system else ""
+    return f"chat template; replies end with {end!r}{refuses}"
 
 
 def _fmt(p: dict[str, int]) -> str:

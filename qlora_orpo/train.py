@@ -106,9 +106,7 @@ def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the summary that is also logged. See ``finetune.py --help``."""
-    from .model import load_model_for_training
-
-    from .model import select_device
+    from .model import load_model_for_training, select_device
 
     # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
     on_cpu = select_device(cfg.device).type == "cpu"

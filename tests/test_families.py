@@ -194,3 +194,45 @@ def write_pairs(path, n=12, system=False):
                 "rejected": [{"role": "assistant", "content": "the lazy dog " + " ".join(w[5:8])}],
             }) + "\n")
     return path
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dry_run_shows_the_trained_span_then_train_export_and_reload(name, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_orpo.chat import chat, load_for_chat
+    from qlora_orpo.cli import main
+    from qlora_orpo.config import OrpoConfig
+    from qlora_orpo.export import export_merged
+    from qlora_orpo.train import run
+
+    fam = FAMILIES[name]
+    model_dir = fam.save(tmp_path / name)
+    data = write_pairs(tmp_path / "pairs.jsonl", system=True)
+    assert main(["--dry-run", "--show-examples", "1", "--model", str(model_dir), "--data", str(data)]) == 0
+    shown = capsys.readouterr().out
+    end_text = "".join(fam.end_of_turn)
+    print(f"{name}: --show-examples reply ends with {end_text!r}")
+    assert f"{end_text}]]" in shown
+    cfg = OrpoConfig(
+        model=str(model_dir), data=str(data), output_dir=str(tmp_path / "runs"), run_name=name,
+        quant="nf4", compute_dtype="float32", device="cpu", max_steps=2, batch_size=2, grad_accum=1,
+        max_length=64, max_prompt_length=32, lora_r=4, lora_alpha=8, eval_fraction=0.0, save_every=0,
+        logits_chunk_size=8,
+    )
+    summary = run(cfg)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines())
+              if r.get("split") == "train"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    # Export merges into the float32 base and verifies the directory with plain transformers
+    # in a separate process; then it is reloaded here too.
+    result = export_merged(summary["adapter"], tmp_path / "merged")
+    assert result.max_abs_diff <= result.tolerance
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert type(merged).__name__ == type(fam.build_model(fam.build_tokenizer())).__name__
+    # Chat with the adapter: generation stops at the end-of-turn token at the latest.
+    model, tokenizer = load_for_chat(adapter=summary["adapter"], device="cpu")
+    from qlora_orpo.chat import GenerationSettings
+
+    replies = chat(model, tokenizer, ["hello world"], GenerationSettings(max_new_tokens=8), out=open("/dev/null", "w"))
+    assert isinstance(replies[0]["reply"], str)

@@ -116,8 +116,9 @@ def test_non_finite_loss_stops_with_step_and_rows(tmp_path, tiny_model_dir, tiny
 
 def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     """A finite loss whose gradient is NaN (as a bad rejected pass in the split step gives) stops the run."""
-    import qlora_orpo.step as step
     from safetensors.torch import load_file
+
+    import qlora_orpo.step as step
 
     calls = {"n": 0}
     real = step.OrpoStep.__call__
@@ -154,7 +155,7 @@ def test_8bit_optimizer_state_round_trips_through_safetensors_and_json(tmp_path)
         for pi, p in enumerate(group["params"]):
             optimizer.init_state(group, p, gi, pi)
             optimizer.state[p]["step"] = 7
-            for name, value in optimizer.state[p].items():
+            for value in optimizer.state[p].values():
                 if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
                     value.random_(0, 255)
     saved = optimizer.state_dict()
