@@ -60,7 +60,11 @@ JEMALLOC_CANDIDATES = (
 )
 MIMALLOC_DISTRIBUTION = "cmeel-mimalloc"  # a manylinux wheel with libmimalloc.so (a Linux dependency)
 MIMALLOC_LIBRARY = "libmimalloc.so"
-# mimalloc options for the re-executed process (only where the user has not set them).
+# mimalloc options for the re-executed process (only where the user has not set them). Empty
+# by measurement: with MIMALLOC_PURGE_DELAY=0 and MIMALLOC_ARENA_EAGER_COMMIT=0 (mimalloc 3.4.3),
+# split at 512 tokens peaked 179 MiB above baseline against 214 with the defaults (trimmed
+# glibc: 177), but its steps took 17-23 s against 10-13 s (trimmed glibc: 17 s): freeing at
+# once costs what trimming glibc costs. Speed is why mimalloc is preloaded, so no options.
 MIMALLOC_ENV: dict[str, str] = {}
 _SOURCES = {"mimalloc": "the cmeel-mimalloc package", "jemalloc": "the system's libjemalloc.so.2"}
 # Set in the environment of the re-executed process, so it never re-executes again; its value
