@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/finetune.py``: one-line errors, no tracebacks for user mistakes."""
     cfg, actions = parse_args(argv)
     if argv is None and not actions["dry_run"] and _runs_on_cpu(cfg):
-        # A real command line (not a test calling main([...])): jemalloc must be preloaded
+        # A real command line (not a test calling main([...])): mimalloc or jemalloc must be preloaded
         # at process start, so this may re-execute the script under it.
-        from .memory import reexec_with_jemalloc
+        from .memory import reexec_with_allocator
 
-        reexec_with_jemalloc(cfg.cpu_allocator, sys.argv)
+        reexec_with_allocator(cfg.cpu_allocator, sys.argv)
     if actions["dry_run"]:
         from .dry_run import dry_run
 

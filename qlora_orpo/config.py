@@ -118,10 +118,11 @@ class OrpoConfig:
     )
     cpu_allocator: str = _f(
         "auto",
-        "CPU memory policy: 'auto' (jemalloc where the system has libjemalloc.so.2, else glibc trimming), "
-        "'jemalloc' (required), 'trim' (glibc returning freed memory: small peak, about 2x slower steps "
-        "here), 'glibc' (untouched: fast, but peak RSS several times higher). See docs/benchmarks.md.",
-        ("auto", "glibc", "trim", "jemalloc"),
+        "CPU memory policy: 'auto' (mimalloc from the cmeel-mimalloc package, else the system's "
+        "libjemalloc.so.2, else glibc trimming), 'mimalloc' or 'jemalloc' (required), 'trim' (glibc "
+        "returning freed memory: small peak, about 1.6x slower steps here), 'glibc' (untouched: fast, but "
+        "peak RSS several times higher). See docs/benchmarks.md.",
+        ("auto", "glibc", "trim", "jemalloc", "mimalloc"),
     )
     # --- cadence --------------------------------------------------------------------------
     log_every: int = _f(1, "Optimizer steps between metric log lines.")

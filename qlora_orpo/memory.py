@@ -8,21 +8,26 @@ benchmark can measure the peak of a training step above the post-load baseline;
 
 glibc malloc keeps freed memory in its arenas, so the resident size of a long training
 run on the CPU drifts up and never comes down. The CPU allocator policy was chosen by
-measurement (``scripts/bench_orpo.py --allocators glibc,trim,jemalloc``, docs/benchmarks.md):
+measurement (``scripts/bench_orpo.py --allocators glibc,trim,jemalloc,mimalloc``, docs/benchmarks.md):
 one split step of the embedded model at 1024 tokens peaked 1,492 MiB above its baseline
 under glibc's defaults at 8.98 s, 226 MiB with glibc trimming (64 KiB mmap threshold) at
-18.3 s, and 263 MiB under jemalloc at 9.79 s. So the default ("auto") runs under jemalloc
-where the system has it (``finetune.py`` re-executes itself with ``LD_PRELOAD``, see
-:func:`reexec_with_jemalloc`) and otherwise trims glibc: memory first, at the cost of speed.
+18.3 s, and 263 MiB under jemalloc at 9.79 s; mimalloc ran at jemalloc's speed for 60-80 MiB
+more. jemalloc is rarely installed, but mimalloc comes from PyPI (``cmeel-mimalloc``, a Linux
+dependency of this package), so the default ("auto") re-executes ``finetune.py`` with
+``LD_PRELOAD`` of mimalloc from that package, else of the system's jemalloc, else trims glibc:
+see :func:`choose_allocator` and :func:`reexec_with_allocator`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import os
 import resource
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +48,9 @@ TRIM_THRESHOLD_BYTES = 128 * 1024  # give the top of the heap back once 128 KiB 
 MMAP_THRESHOLD_BYTES = 64 * 1024  # blocks from 64 KiB up get their own mapping, unmapped on free
 ARENA_MAX = 2  # fewer per-thread arenas, less memory stranded in them
 
-ALLOCATOR_POLICIES = ("auto", "glibc", "trim", "jemalloc")
+ALLOCATOR_POLICIES = ("auto", "glibc", "trim", "jemalloc", "mimalloc")
+PRELOADABLE = ("mimalloc", "jemalloc")  # "auto" tries them in this order
+PRELOADED_NAMES = ("mimalloc", "jemalloc", "tcmalloc")
 JEMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -51,8 +58,18 @@ JEMALLOC_CANDIDATES = (
     "/usr/local/lib/libjemalloc.so.2",
     "/usr/lib/libjemalloc.so.2",
 )
-# Set in the environment of the re-executed process, so it never re-executes again.
-_REEXEC_MARK = "QLORA_ORPO_JEMALLOC_REEXEC"
+MIMALLOC_DISTRIBUTION = "cmeel-mimalloc"  # a manylinux wheel with libmimalloc.so (a Linux dependency)
+MIMALLOC_LIBRARY = "libmimalloc.so"
+# mimalloc options for the re-executed process (only where the user has not set them). Empty
+# by measurement: with MIMALLOC_PURGE_DELAY=0 and MIMALLOC_ARENA_EAGER_COMMIT=0 (mimalloc 3.4.3),
+# split at 512 tokens peaked 179 MiB above baseline against 214 with the defaults (trimmed
+# glibc: 177), but its steps took 17-23 s against 10-13 s (trimmed glibc: 17 s): freeing at
+# once costs what trimming glibc costs. Speed is why mimalloc is preloaded, so no options.
+MIMALLOC_ENV: dict[str, str] = {}
+_SOURCES = {"mimalloc": "the cmeel-mimalloc package", "jemalloc": "the system's libjemalloc.so.2"}
+# Set in the environment of the re-executed process, so it never re-executes again; its value
+# is the one-line reason for the choice, for the training log.
+_REEXEC_MARK = "QLORA_ORPO_ALLOCATOR_REEXEC"
 
 
 def _device(device: torch.device | str) -> torch.device:
@@ -161,12 +178,12 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _preloaded_allocator() -> str | None:
-    """Name "jemalloc" or "tcmalloc" when one is mapped into this process (LD_PRELOAD), else None."""
+    """Name "mimalloc", "jemalloc" or "tcmalloc" when one is mapped into this process (LD_PRELOAD), else None."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    for name in ("jemalloc", "tcmalloc"):
+    for name in PRELOADED_NAMES:
         if f"lib{name}" in maps:
             return name
     return None
@@ -186,54 +203,139 @@ def find_jemalloc() -> str | None:
     return found if found and Path(found).is_file() else None
 
 
-def reexec_with_jemalloc(policy: str, argv: list[str]) -> None:
-    """Replace this process with ``python argv...`` under jemalloc, if the policy asks for it.
+def find_mimalloc(distribution: str = MIMALLOC_DISTRIBUTION) -> str | None:
+    """Path of ``libmimalloc.so`` from the installed ``cmeel-mimalloc`` wheel (``$MIMALLOC_PATH`` first), or None.
 
-    jemalloc must be loaded before the first ``malloc``, which only ``LD_PRELOAD`` at process
-    start can do. For "auto" and "jemalloc" on Linux, when jemalloc is not loaded yet and the
-    library exists, this calls ``os.execve`` and does not return. It returns (doing nothing)
-    when jemalloc is already loaded, after one re-execution, or when the library is missing
-    ("auto" then falls back to glibc trimming in :func:`apply_cpu_allocator_policy`).
+    The wheel lists its files in its metadata (``cmeel.prefix/lib/libmimalloc.so`` relative to
+    site-packages), so the library is found wherever the environment lives; if the metadata
+    has no file list, ``cmeel.prefix/lib`` beside the distribution is tried.
+    """
+    explicit = os.environ.get("MIMALLOC_PATH")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    candidates = [dist.locate_file(f) for f in dist.files or () if f.name == MIMALLOC_LIBRARY]
+    candidates.append(dist.locate_file(f"cmeel.prefix/lib/{MIMALLOC_LIBRARY}"))
+    for candidate in candidates:
+        if Path(str(candidate)).is_file():
+            return str(candidate)
+    return None
+
+
+@dataclass(frozen=True)
+class AllocatorChoice:
+    """What the CPU allocator policy decided before any model code runs.
+
+    ``preload`` is the library to ``LD_PRELOAD`` by re-executing the process (None: stay
+    as is); ``name`` is the allocator that will serve malloc; ``reason`` is one line for the log.
+    """
+
+    name: str
+    preload: str | None
+    reason: str
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def choose_allocator(
+    policy: str,
+    libraries: Mapping[str, str | None],
+    preloaded: str | None = None,
+    reexecuted: bool = False,
+    linux: bool = True,
+) -> AllocatorChoice:
+    """The pure decision behind :func:`reexec_with_allocator` (no file system, no process state).
+
+    ``libraries`` maps "mimalloc" and "jemalloc" to a found library path or None; ``preloaded``
+    is the allocator already mapped into this process; ``reexecuted`` says the process was
+    already re-executed once (the environment mark), so it must not loop. Order for "auto":
+    mimalloc from the cmeel-mimalloc package, then the system's jemalloc, then glibc trimming.
+    """
+    if policy not in ALLOCATOR_POLICIES:
+        raise ValueError(f"cpu_allocator: {policy!r} is not one of {', '.join(ALLOCATOR_POLICIES)}")
+    if not linux:
+        return AllocatorChoice("system", None, f"policy {policy!r} applies to Linux only")
+    if policy in ("glibc", "trim"):
+        return AllocatorChoice("glibc", None, f"policy {policy!r} asks for glibc malloc")
+    if preloaded is not None:
+        return AllocatorChoice(preloaded, None, f"{preloaded} is already preloaded")
+    if reexecuted:
+        return AllocatorChoice("glibc", None, "re-executed once already and no allocator got preloaded")
+    wanted = PRELOADABLE if policy == "auto" else (policy,)
+    for name in wanted:
+        library = libraries.get(name)
+        if library:
+            env = tuple(MIMALLOC_ENV.items()) if name == "mimalloc" else ()
+            return AllocatorChoice(name, library, f"{name} from {library} ({_SOURCES[name]})", env)
+    if policy == "auto":
+        return AllocatorChoice(
+            "glibc", None, "neither the cmeel-mimalloc package nor libjemalloc.so.2 found: glibc with trimming, "
+            "CPU steps about 1.6x slower (pip install cmeel-mimalloc)",
+        )
+    return AllocatorChoice("glibc", None, f"{policy} was asked for but {_SOURCES[policy]} is not found")
+
+
+def allocator_choice(policy: str) -> AllocatorChoice:
+    """:func:`choose_allocator` on this process's facts: the libraries found, what is preloaded, the mark."""
+    libraries = {} if policy in ("glibc", "trim") else {"mimalloc": find_mimalloc(), "jemalloc": find_jemalloc()}
+    return choose_allocator(
+        policy, libraries, preloaded=_preloaded_allocator(), reexecuted=bool(os.environ.get(_REEXEC_MARK)),
+        linux=sys.platform.startswith("linux"),
+    )
+
+
+def reexec_with_allocator(policy: str, argv: list[str]) -> None:
+    """Replace this process with ``python argv...`` under the allocator the policy chooses, if any.
+
+    mimalloc and jemalloc must be loaded before the first ``malloc``, which only ``LD_PRELOAD``
+    at process start can do. When :func:`allocator_choice` names a library to preload this
+    calls ``os.execve`` and does not return; the new process carries the reason in an
+    environment mark, so it never re-executes again and its log can say why. Otherwise it
+    returns doing nothing ("auto" then trims glibc in :func:`apply_cpu_allocator_policy`).
     Call it first thing in a command-line entry point, never from library code or tests.
     """
-    if policy not in ("auto", "jemalloc") or not sys.platform.startswith("linux"):
-        return
-    if _preloaded_allocator() == "jemalloc" or os.environ.get(_REEXEC_MARK):
-        return
-    library = find_jemalloc()
-    if library is None:
+    choice = allocator_choice(policy)
+    if choice.preload is None:
         return
     env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD", "")]))
-    env[_REEXEC_MARK] = "1"
+    env["LD_PRELOAD"] = ":".join(filter(None, [choice.preload, env.get("LD_PRELOAD", "")]))
+    for key, value in choice.env:
+        env.setdefault(key, value)  # a value the user set wins
+    env[_REEXEC_MARK] = choice.reason
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv], env)
 
 
 def apply_cpu_allocator_policy(policy: str) -> str:
-    """Apply ``policy`` ("auto", "glibc" or "trim") to this process and describe what was done.
+    """Apply ``policy`` (one of :data:`ALLOCATOR_POLICIES`) to this process and describe what was done.
 
     "trim" tunes glibc malloc so that freed memory returns to the OS promptly; "auto"
-    leaves a preloaded jemalloc/tcmalloc alone and otherwise trims; "glibc" changes nothing.
-    Calling it again with the same policy is harmless.
+    leaves a preloaded mimalloc/jemalloc/tcmalloc alone and otherwise trims; "glibc" changes
+    nothing; "mimalloc" and "jemalloc" require that allocator to be preloaded already
+    (:func:`reexec_with_allocator`). Calling it again with the same policy is harmless.
     """
     if policy not in ALLOCATOR_POLICIES:
         raise ValueError(f"cpu_allocator: {policy!r} is not one of {', '.join(ALLOCATOR_POLICIES)}")
     if not sys.platform.startswith("linux"):
         return f"system allocator (policy {policy!r} applies to Linux only)"
     preloaded = _preloaded_allocator()
+    why = os.environ.get(_REEXEC_MARK)
+    described = f"{preloaded} (preloaded{': ' + why if why and preloaded else ''})"
     if policy == "glibc":
-        return "glibc malloc, default settings" if preloaded is None else f"{preloaded} (preloaded)"
-    if policy == "jemalloc":
-        if preloaded != "jemalloc":
+        return "glibc malloc, default settings" if preloaded is None else described
+    if policy in PRELOADABLE:
+        if preloaded != policy:
+            install = "pip install cmeel-mimalloc" if policy == "mimalloc" else "apt-get install libjemalloc2"
             raise ConfigError(
-                "cpu_allocator: jemalloc was asked for but is not loaded (install libjemalloc2, or run "
-                "through scripts/finetune.py, which preloads it)"
+                f"cpu_allocator: {policy} was asked for but is not loaded ({install}, and run through "
+                "scripts/finetune.py, which preloads it)"
             )
-        return "jemalloc (preloaded)"
+        return described
     if policy == "auto" and preloaded is not None:
-        return f"{preloaded} (preloaded)"
+        return described
     libc = _glibc()
     if libc is None:
         return "system allocator unchanged (not glibc)"
@@ -251,7 +353,10 @@ def apply_cpu_allocator_policy(policy: str) -> str:
     if preloaded is not None:
         text += f"; note {preloaded} is preloaded and serves malloc"
     elif policy == "auto":
-        text += " (no libjemalloc.so.2 found: CPU steps run about 2x slower than under jemalloc; apt-get install libjemalloc2)"
+        if not why:
+            choice = allocator_choice("auto")
+            why = f"{choice.name} found but not preloaded: scripts/finetune.py preloads it" if choice.preload else choice.reason
+        text += f" ({why})"
     return text
 
 

@@ -1,5 +1,7 @@
 """Shared fixtures: a seed, a tiny tokenizer with a chat template and tiny random Llama models.
 
+The builders live in ``qlora_orpo.bench.tiny`` (the benchmark's ``--quick`` uses them too).
+
 Everything here is built in-process in milliseconds; nothing is downloaded.
 """
 
@@ -10,13 +12,9 @@ import random
 import pytest
 import torch
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from qlora_orpo.bench import tiny
+from qlora_orpo.bench.tiny import build_tiny_llama  # noqa: F401  (tests import it from here)
+
 CORPUS = [
     "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, then knead.",
     "User: What is the capital of France? The capital of France is Paris.",
@@ -32,29 +30,8 @@ def seed_everything():
 
 
 def build_tokenizer(chat_template: bool = True, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained on a few sentences, EOS = ``<|im_end|>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<|endoftext|>" if not chat_template else None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    """A byte-level BPE tokenizer trained on :data:`CORPUS`, EOS = ``<|im_end|>`` (qlora_orpo.bench.tiny)."""
+    return tiny.build_tokenizer(CORPUS, vocab_size=vocab_size, chat_template=chat_template)
 
 
 @pytest.fixture
@@ -65,27 +42,6 @@ def tiny_tokenizer():
 @pytest.fixture
 def plain_tokenizer():
     return build_tokenizer(chat_template=False)
-
-
-def build_tiny_llama(vocab_size: int = 400, hidden: int = 64, layers: int = 2, seed: int = 0, tie: bool = False):
-    """A 2-layer, 64-wide random Llama: big enough to have every layer type, small enough for ms steps."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=0,
-    )
-    return LlamaForCausalLM(config).float()
 
 
 def random_tokenized_pairs(n: int, vocab_size: int, seed: int = 0, min_length: int = 3):

@@ -1,5 +1,6 @@
-"""The benchmark and the analytic floor: exact parameter counts, the fixed-length pair, equal losses
-across TRL / joint / split in one process, and ``bench_orpo.py --quick`` without trl installed."""
+"""The benchmark and the analytic floor and FLOPs: exact parameter counts, the FLOPs of a step by hand,
+the fixed-length pair, equal losses across TRL / joint / split in one process, the workers' allocator
+environments, and ``bench_orpo.py --quick`` without trl installed."""
 
 from __future__ import annotations
 
@@ -14,19 +15,13 @@ import torch
 from conftest import build_tiny_llama, build_tokenizer
 from peft import LoraConfig, get_peft_model
 
-from qlora_orpo.bench import (
-    TRL_MISSING,
-    BenchSpec,
-    build_tiny_model_dir,
-    fixed_pair,
-    markdown_table,
-    plan,
-    plot_memory,
-    prompt_length,
-    run_in_subprocess,
-    run_worker,
-)
-from qlora_orpo.floor import ModelShape, memory_floor
+from qlora_orpo.bench.floor import ModelShape, memory_floor
+from qlora_orpo.bench.flops import roofline_seconds, step_flops
+from qlora_orpo.bench.report import markdown_table, plot_memory
+from qlora_orpo.bench.spec import BenchSpec, fixed_pair, plan, prompt_length
+from qlora_orpo.bench.tiny import build_tiny_model_dir
+from qlora_orpo.bench.trl_adapter import TRL_MISSING
+from qlora_orpo.bench.worker import run_in_subprocess, run_worker, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_orpo.py"
@@ -37,7 +32,7 @@ SMOLLM2_CONFIG = {  # the embedded model's config.json (the sizes that matter)
 
 
 # ---------------------------------------------------------------------------------------------
-# floor.py
+# bench/floor.py
 # ---------------------------------------------------------------------------------------------
 
 
@@ -100,7 +95,54 @@ def test_floor_4bit_weights_and_statistics_equal_bitsandbytes_own():
 
 
 # ---------------------------------------------------------------------------------------------
-# bench.py
+# bench/flops.py
+# ---------------------------------------------------------------------------------------------
+
+TINY_SHAPE = ModelShape(hidden=8, layers=1, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10,
+                        tied_embeddings=True)
+
+
+def test_step_flops_by_hand():
+    """One layer, H=8, 2 heads and 1 key/value head of width 4 (K=4), I=16, V=10; S=4 tokens, r=2."""
+    flops = step_flops(TINY_SHAPE, seq_len=4, lora_r=2, method="split")
+    # in x out of q, k, v, o, gate, up, down: 64 + 32 + 32 + 64 + 128 + 128 + 128 = 576
+    assert flops.linear == 2 * 4 * 576 == 4608
+    # in + out of the same seven: 16 + 12 + 12 + 16 + 24 + 24 + 24 = 128; times r=2, 2 FLOPs, 4 tokens
+    assert flops.lora == 2 * 4 * 2 * 128 == 2048
+    # causal attention: 10 (query, key) pairs for 4 tokens; QK^T and PV each 2 * 2 heads * 4 wide per pair
+    assert flops.attention == 2 * (2 * 2 * 4) * 10 == 320
+    # lm_head on the 3 predicted positions: 2 * 3 * 8 * 10
+    assert flops.lm_head == 480
+    forward = 4608 + 2048 + 320 + 480  # 7456
+    backward = 4608 + 2 * 2048 + 2 * 320 + 480  # 9824: input grads of the base, both grads of LoRA
+    assert (flops.forward, flops.backward) == (forward, backward)
+    assert flops.total == 5 * forward + 2 * backward == 56928  # extra no-grad forward, recompute, backward
+    joint = step_flops(TINY_SHAPE, seq_len=4, lora_r=2, method="joint")
+    assert joint.total == 4 * forward + 2 * backward == 49472
+    # Adapting only q and v: LoRA in + out = 16 + 12 = 28.
+    assert step_flops(TINY_SHAPE, 4, 2, ["q_proj", "v_proj"]).lora == 2 * 4 * 2 * 28
+    assert step_flops(TINY_SHAPE, 4, 2, scored=1).lm_head == 2 * 1 * 8 * 10
+    assert roofline_seconds(flops.total, 56928.0 / 2) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="LoRA targets"):
+        step_flops(TINY_SHAPE, 4, 2, ["lm_head"])
+
+
+def test_step_flops_linear_part_equals_torch_flop_counter():
+    """The linear and lm_head terms against torch's own count of one forward of a real tiny Llama."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_tiny_llama(vocab_size=101, hidden=64, layers=2).eval()
+    shape = ModelShape.from_config(model.config)
+    seq = 12
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(3, 101, (1, seq)))
+    mm = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "mm" in str(op))
+    flops = step_flops(shape, seq, lora_r=0, scored=seq)  # transformers' lm_head runs on every position
+    assert mm == flops.layers * flops.linear + flops.lm_head
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/spec.py, bench/worker.py, bench/report.py
 # ---------------------------------------------------------------------------------------------
 
 
@@ -150,12 +192,38 @@ def test_one_step_of_trl_joint_and_split_give_the_same_loss(tiny_model_dir):
             row["peak_above_baseline_mib"] / row["floor_step_mib"])
         assert len(row["seconds_per_step"]) == 2 and row["seconds_per_pair"] == pytest.approx(row["seconds_per_step"][1])
         assert row["losses"][1] != row["losses"][0], method  # the optimizer step changed the adapter
+        assert row["fp32_matmul_gflops"] > 0 and row["roofline_s"] > 0
+        assert row["roofline_s"] == pytest.approx(row["step_gflop"] / row["fp32_matmul_gflops"])
+        assert row["roofline_ratio"] == pytest.approx(row["seconds_per_pair"] / row["roofline_s"])
+    # split pays one more no-grad forward than joint for the same pair.
+    assert rows["split"]["step_gflop"] > rows["joint"]["step_gflop"] == rows["trl"]["step_gflop"]
     assert rows["joint"]["loss"] == pytest.approx(rows["trl"]["loss"], rel=1e-5)
     assert rows["split"]["loss"] == pytest.approx(rows["trl"]["loss"], rel=1e-5)
     assert rows["split"]["nll"] == pytest.approx(rows["trl"]["nll"], rel=1e-5)
     assert rows["split"]["or_loss"] == pytest.approx(rows["trl"]["or_loss"], rel=1e-5)
     # After one identical AdamW step, the second losses still agree (same gradients).
     assert rows["split"]["losses"][1] == pytest.approx(rows["trl"]["losses"][1], rel=1e-4)
+
+
+def test_worker_env_preloads_the_allocator_and_its_options(monkeypatch, tmp_path):
+    from qlora_orpo import memory
+
+    library = tmp_path / "libmimalloc.so"
+    library.write_bytes(b"\x7fELF")
+    monkeypatch.setenv("MIMALLOC_PATH", str(library))
+    monkeypatch.setattr(memory, "MIMALLOC_ENV", {"MIMALLOC_PURGE_DELAY": "0"})
+    monkeypatch.setattr("qlora_orpo.bench.worker.MIMALLOC_ENV", memory.MIMALLOC_ENV)
+    caller = {"PATH": "/bin", "LD_PRELOAD": "libother.so", "MIMALLOC_VERBOSE": "1", "MIMALLOC_PATH": str(library)}
+    tuned = worker_env(BenchSpec(method="split", max_length=32, allocator="mimalloc"), caller)
+    assert tuned["LD_PRELOAD"] == f"{library}:libother.so"
+    assert tuned["MIMALLOC_PURGE_DELAY"] == "0" and tuned["MIMALLOC_VERBOSE"] == "1"
+    default = worker_env(BenchSpec(method="split", max_length=32, allocator="mimalloc-default"), caller)
+    assert default["LD_PRELOAD"] == f"{library}:libother.so"
+    assert not {k for k in default if k.startswith("MIMALLOC_")} - {"MIMALLOC_PATH"}  # the library's defaults
+    assert worker_env(BenchSpec(method="split", max_length=32, allocator="trim"), caller) == caller
+    assert BenchSpec(method="split", max_length=32, allocator="mimalloc-default").config().cpu_allocator == "glibc"
+    monkeypatch.setenv("MIMALLOC_PATH", str(tmp_path / "absent.so"))
+    assert "cmeel-mimalloc" in worker_env(BenchSpec(method="split", max_length=32, allocator="mimalloc"), caller)
 
 
 def test_missing_jemalloc_is_skipped_with_a_message(monkeypatch, tmp_path):
@@ -166,7 +234,8 @@ def test_missing_jemalloc_is_skipped_with_a_message(monkeypatch, tmp_path):
 
 def test_report_table_and_plot(tmp_path):
     measured = dict(allocator="trim", device="cpu", peak_above_baseline_mib=150.0, floor_step_mib=100.0,
-                    floor_ratio=1.5, seconds_per_pair=2.0, tokens_per_s=256.0, loss=1.5)
+                    floor_ratio=1.5, seconds_per_pair=2.0, tokens_per_s=256.0, loss=1.5, roofline_s=0.25,
+                    roofline_ratio=8.0)
     rows = [
         {"method": "trl", "max_length": 256, "allocator": "trim", "skipped": TRL_MISSING},
         {**measured, "method": "split", "max_length": 256},
@@ -175,7 +244,10 @@ def test_report_table_and_plot(tmp_path):
     ]
     table = markdown_table(rows)
     assert "| trl | 256 | trim | skipped: trl is not installed" in table
-    assert "| split | 256 | trim | 150 | 100 | 1.5x | 2.00 | 256 | 1.500000 |" in table
+    assert "| split | 256 | trim | 150 | 100 | 1.5x | 2.00 | 0.25 | 8.0x | 256 | 1.500000 |" in table
+    assert "| roofline s | time/roofline |" in table.splitlines()[0]
+    # Every line has as many cells as the header, skipped and failed ones included.
+    assert len({line.count("|") for line in table.splitlines()}) == 1
     assert "failed: worker exited with -9: Killed" in table
     png = plot_memory(rows, tmp_path / "memory.png")
     assert png is not None and png.read_bytes().startswith(b"\x89PNG")

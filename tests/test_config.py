@@ -44,7 +44,7 @@ def test_cli_flag_overrides_file_value_and_file_overrides_default(tmp_path):
     assert cfg.beta == 0.3  # file beats default
     assert cfg.learning_rate == 1e-4  # YAML's "1e-4" string coerced to float
     assert cfg.nll_over_prompt is True
-    assert actions == {"config": str(path), "dry_run": False, "resume": False}
+    assert actions == {"config": str(path), "dry_run": False, "resume": False, "show_examples": 0}
 
 
 def test_every_field_has_a_kebab_case_flag():

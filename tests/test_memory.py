@@ -95,6 +95,7 @@ def test_unknown_policy_is_rejected():
 
 
 def test_auto_defers_to_a_preloaded_jemalloc(monkeypatch):
+    monkeypatch.delenv(memory._REEXEC_MARK, raising=False)
     monkeypatch.setattr(memory, "_preloaded_allocator", lambda: "jemalloc")
     monkeypatch.setattr(memory, "_glibc", lambda: pytest.fail("glibc must not be tuned under jemalloc"))
     if LINUX:
@@ -157,25 +158,142 @@ def test_malloc_trim_returns_bool():
     assert isinstance(malloc_trim(), bool)
 
 
-def _run_reexec(policy: str) -> str:
-    child = "from qlora_orpo.memory import _preloaded_allocator; print(_preloaded_allocator())"
+def _run_reexec(policy: str, extra_env: dict[str, str] | None = None) -> list[str]:
+    child = (
+        "import os; from qlora_orpo.memory import _preloaded_allocator, apply_cpu_allocator_policy; "
+        f"print(_preloaded_allocator()); print(apply_cpu_allocator_policy({policy!r}))"
+    )
     code = (
-        "from qlora_orpo.memory import reexec_with_jemalloc\n"
-        f"reexec_with_jemalloc({policy!r}, ['-c', {child!r}])\n"
+        "from qlora_orpo.memory import reexec_with_allocator\n"
+        f"reexec_with_allocator({policy!r}, ['-c', {child!r}])\n"
         "print('not re-executed')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "QLORA_ORPO_JEMALLOC_REEXEC")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory._REEXEC_MARK)}
+    env.update(extra_env or {})
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return result.stdout.strip().splitlines()
 
 
-def test_auto_policy_reexecutes_under_jemalloc_exactly_when_the_library_exists():
-    from qlora_orpo.memory import find_jemalloc
-
-    expected = "jemalloc" if find_jemalloc() else "not re-executed"
-    assert _run_reexec("auto") == expected
+@pytest.mark.skipif(not LINUX, reason="the allocator policy applies to Linux only")
+def test_auto_policy_reexecutes_under_the_allocator_the_decision_names():
+    choice = memory.allocator_choice("auto")
+    lines = _run_reexec("auto")
+    if choice.preload is None:
+        assert lines == ["not re-executed"]
+    else:
+        # The child runs under the chosen allocator and its log line says which and why.
+        assert lines[0] == choice.name, lines
+        assert lines[1] == f"{choice.name} (preloaded: {choice.reason})"
 
 
 def test_glibc_policy_never_reexecutes():
-    assert _run_reexec("glibc") == "not re-executed"
+    assert _run_reexec("glibc") == ["not re-executed"]
+
+
+@pytest.mark.skipif(not LINUX, reason="the allocator policy applies to Linux only")
+def test_the_environment_mark_stops_a_second_reexecution():
+    assert _run_reexec("auto", {memory._REEXEC_MARK: "already done"}) == ["not re-executed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The allocator decision, without re-executing anything
+# ---------------------------------------------------------------------------------------------
+
+MIMALLOC = "/site/cmeel.prefix/lib/libmimalloc.so"
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+@pytest.mark.parametrize(
+    ("libraries", "name", "preload"),
+    [
+        ({"mimalloc": MIMALLOC, "jemalloc": JEMALLOC}, "mimalloc", MIMALLOC),
+        ({"mimalloc": None, "jemalloc": JEMALLOC}, "jemalloc", JEMALLOC),
+        ({"mimalloc": MIMALLOC, "jemalloc": None}, "mimalloc", MIMALLOC),
+        ({"mimalloc": None, "jemalloc": None}, "glibc", None),
+    ],
+)
+def test_auto_prefers_mimalloc_then_jemalloc_then_glibc(libraries, name, preload):
+    choice = memory.choose_allocator("auto", libraries)
+    assert (choice.name, choice.preload) == (name, preload)
+    assert "\n" not in choice.reason and (preload is None or preload in choice.reason)
+    assert dict(choice.env) == (memory.MIMALLOC_ENV if name == "mimalloc" else {})
+    if preload is None:
+        assert "cmeel-mimalloc" in choice.reason and "jemalloc" in choice.reason
+
+
+def test_explicit_policies_take_only_their_own_library():
+    both = {"mimalloc": MIMALLOC, "jemalloc": JEMALLOC}
+    assert memory.choose_allocator("jemalloc", both).preload == JEMALLOC
+    assert memory.choose_allocator("mimalloc", both).preload == MIMALLOC
+    missing = memory.choose_allocator("mimalloc", {"mimalloc": None, "jemalloc": JEMALLOC})
+    assert missing.preload is None and "cmeel-mimalloc" in missing.reason
+    for policy in ("glibc", "trim"):
+        assert memory.choose_allocator(policy, both).preload is None
+    with pytest.raises(ValueError, match="cpu_allocator"):
+        memory.choose_allocator("tcmalloc", both)
+
+
+def test_no_reexec_when_preloaded_already_marked_or_not_linux():
+    both = {"mimalloc": MIMALLOC, "jemalloc": JEMALLOC}
+    preloaded = memory.choose_allocator("auto", both, preloaded="jemalloc")
+    assert (preloaded.name, preloaded.preload) == ("jemalloc", None)
+    marked = memory.choose_allocator("auto", both, reexecuted=True)
+    assert marked.preload is None and "re-executed" in marked.reason
+    assert memory.choose_allocator("mimalloc", both, linux=False).preload is None
+
+
+class _FakeDistribution:
+    """What importlib.metadata.distribution returns, over a directory standing in for site-packages."""
+
+    def __init__(self, root, files):
+        self.root, self.files = root, files
+
+    def locate_file(self, name):
+        return self.root / str(name)
+
+
+def test_find_mimalloc_locates_the_library_through_the_package_metadata(monkeypatch, tmp_path):
+    from importlib.metadata import PackagePath
+
+    monkeypatch.delenv("MIMALLOC_PATH", raising=False)
+    lib = tmp_path / "site-packages" / "cmeel.prefix" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libmimalloc.so").write_bytes(b"\x7fELF")
+    files = [PackagePath("cmeel.prefix/lib/libmimalloc.so.3"), PackagePath("cmeel.prefix/lib/libmimalloc.so")]
+    fake = _FakeDistribution(tmp_path / "site-packages", files)
+    monkeypatch.setattr(memory.importlib.metadata, "distribution", lambda name: fake)
+    assert memory.find_mimalloc() == str(lib / "libmimalloc.so")
+    # No file list in the metadata: the cmeel.prefix path beside the distribution still works.
+    fake.files = None
+    assert memory.find_mimalloc() == str(lib / "libmimalloc.so")
+    # Listed but missing on disk (a broken install): not found.
+    (lib / "libmimalloc.so").unlink()
+    assert memory.find_mimalloc() is None
+
+
+def test_find_mimalloc_without_the_package_or_with_an_explicit_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("MIMALLOC_PATH", raising=False)
+
+    def missing(name):
+        raise memory.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(memory.importlib.metadata, "distribution", missing)
+    assert memory.find_mimalloc() is None
+    explicit = tmp_path / "libmimalloc.so"
+    monkeypatch.setenv("MIMALLOC_PATH", str(explicit))
+    assert memory.find_mimalloc() is None  # named but absent
+    explicit.write_bytes(b"\x7fELF")
+    assert memory.find_mimalloc() == str(explicit)
+
+
+def test_explicit_mimalloc_policy_requires_it_preloaded(monkeypatch):
+    monkeypatch.setattr(memory, "_preloaded_allocator", lambda: None)
+    if LINUX:
+        with pytest.raises(memory.ConfigError, match="cmeel-mimalloc"):
+            apply_cpu_allocator_policy("mimalloc")
+    monkeypatch.setattr(memory, "_preloaded_allocator", lambda: "mimalloc")
+    monkeypatch.setenv(memory._REEXEC_MARK, "mimalloc from /x/libmimalloc.so (the cmeel-mimalloc package)")
+    if LINUX:
+        assert apply_cpu_allocator_policy("mimalloc") == (
+            "mimalloc (preloaded: mimalloc from /x/libmimalloc.so (the cmeel-mimalloc package))")

@@ -15,7 +15,7 @@ from conftest import build_tiny_llama, build_tokenizer
 from peft import LoraConfig, get_peft_model
 from trl.experimental.orpo import ORPOTrainer
 
-from qlora_orpo.bench import trl_inputs, trl_loss, trl_trainer
+from qlora_orpo.bench.trl_adapter import trl_inputs, trl_loss, trl_trainer
 from qlora_orpo.collate import TokenizedPair, collate_pairs
 from qlora_orpo.step import OrpoStep
 

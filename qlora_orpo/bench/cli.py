@@ -1,0 +1,112 @@
+"""The command line of ``scripts/bench_orpo.py``: parse, plan, run each configuration in a worker, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..config import EMBEDDED, OrpoConfig
+from .report import describe_machine, markdown_table, write_report
+from .spec import ALLOCATORS, DEFAULT_METHODS, LENGTHS, METHODS, QUICK_LENGTHS, BenchSpec, plan
+from .tiny import build_tiny_model_dir
+from .worker import run_benchmark, worker_main
+
+
+def _csv(kind: Callable[[str], Any], choices: Sequence[Any] | None = None) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list{' of ' + ', '.join(map(str, choices)) if choices else ''}, got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench_orpo.py",
+        description="Peak memory, time and loss of one ORPO optimizer step: TRL's loss path vs ours "
+        "(--step joint, --step split), each configuration in a fresh process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--lengths", type=_csv(int), help=f"max_length values (default {LENGTHS}; --quick {QUICK_LENGTHS})")
+    parser.add_argument("--methods", type=_csv(str, METHODS), default=list(DEFAULT_METHODS),
+                        help=f"configurations to run, from {', '.join(METHODS)}")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="trim",
+                        help="CPU allocator of every worker: glibc as is, glibc with trimming, or jemalloc / "
+                        "mimalloc through LD_PRELOAD (skipped when not found); 'mimalloc' with the options "
+                        "training sets (memory.MIMALLOC_ENV and any MIMALLOC_* in the environment), "
+                        "'mimalloc-default' with none")
+    parser.add_argument("--allocators", type=_csv(str, ALLOCATORS),
+                        help="compare CPU allocators instead: run --step split at each length under each one")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI-sized run: a tiny random model built in a temporary directory, lengths 32 and 64")
+    parser.add_argument("--model", default=EMBEDDED, help="base model ('embedded' or a local directory)")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4", help="base quantisation")
+    parser.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="compute dtype of the 4-bit layers (default auto; --quick: float32, so that the "
+                        "tiny model's losses can be compared exactly)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--chunk-size", type=int, default=OrpoConfig.logits_chunk_size, help="logits chunk of our step")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=1,
+                        help="optimizer steps per configuration; with more than one the first is left out of the timing")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per configuration")
+    parser.add_argument("--out", type=Path, help="directory for results.json, results.md and memory_vs_length.png "
+                        "(default bench_results/orpo-<time>)")
+    parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+    return parser
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+    where = f"{row['method']} at {row['max_length']} ({row['allocator']})"
+    if "skipped" in row:
+        print(f"[bench] {where}: skipped: {row['skipped']}", file=sys.stderr)
+    elif "error" in row:
+        print(f"[bench] {where}: FAILED: {row['error']}", file=sys.stderr)
+    else:
+        print(f"[bench] {where}: {row['peak_above_baseline_mib']:,.0f} MiB above baseline, "
+              f"{row['seconds_per_pair']:.2f} s/pair, loss {row['loss']:.6f}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None, script: Path) -> int:
+    """Entry point of ``scripts/bench_orpo.py``; ``script`` is what the workers run."""
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    lengths = args.lengths or list(QUICK_LENGTHS if args.quick else LENGTHS)
+    methods = ["split"] if args.allocators else args.methods
+    allocators = args.allocators or [args.allocator]
+    out_dir = args.out or Path("bench_results") / time.strftime("orpo-%Y%m%d-%H%M%S")
+    with tempfile.TemporaryDirectory(prefix="bench-orpo-") as scratch:
+        model = args.model
+        if args.quick:
+            model = str(build_tiny_model_dir(Path(scratch) / "tiny-llama"))
+            print(f"[bench] --quick: tiny random Llama built in {model}", file=sys.stderr)
+        base = BenchSpec(
+            method="split", max_length=lengths[0], model=model, quant=args.quant,
+            compute_dtype=args.compute_dtype or ("float32" if args.quick else "auto"), device=args.device,
+            allocator=allocators[0], chunk_size=args.chunk_size, beta=args.beta, steps=args.steps,
+        )
+        rows = run_benchmark(script, plan(lengths, methods, allocators, base), _print_row, args.timeout)
+    model_name = "SmolLM2-135M-Instruct (embedded)" if args.model == EMBEDDED else args.model
+    settings = {**asdict(base), "model": model_name if not args.quick else "tiny random Llama (--quick)",
+                "lengths": lengths, "methods": methods, "allocators": allocators, "quick": args.quick,
+                "machine": describe_machine(), "command": " ".join([Path(script).name, *(argv or [])])}
+    settings.pop("method"), settings.pop("max_length"), settings.pop("allocator")
+    paths = write_report(rows, out_dir, settings)
+    print(markdown_table(rows))
+    print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    failed = [r for r in rows if "error" in r]
+    return 1 if failed else 0
