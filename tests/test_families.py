@@ -236,3 +236,21 @@ def test_dry_run_shows_the_trained_span_then_train_export_and_reload(name, tmp_p
 
     replies = chat(model, tokenizer, ["hello world"], GenerationSettings(max_new_tokens=8), out=open("/dev/null", "w"))
     assert isinstance(replies[0]["reply"], str)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_memory_floor_counts_the_lora_parameters_peft_creates(name):
+    """Phi-3's fused qkv_proj/gate_up_proj must not be counted as separate q/k/v/gate/up layers."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_orpo.bench.floor import ModelShape
+
+    fam = FAMILIES[name]
+    model = fam.build_model(fam.build_tokenizer())
+    shape = ModelShape.from_config(model.config)
+    assert shape.quantised_params == sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert shape.lora_params(4) == trainable

@@ -74,6 +74,9 @@ from typing import Any
 
 MIB = 2**20
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Families whose attention input and MLP input projections are one fused linear layer each
+# (qkv_proj, gate_up_proj): same weights, but LoRA on a fused layer has fewer parameters.
+FUSED_PROJECTION_TYPES = ("phi3",)
 BLOCKSIZE = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
 NESTED_BLOCKSIZE = 256  # double quantisation: one float32 per 256 absmax values
 CODE_BYTES_4BIT = 16 * 4  # the NF4/FP4 code table, float32
@@ -92,6 +95,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     tied_embeddings: bool
+    fused_projections: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -107,6 +111,7 @@ class ModelShape:
             intermediate=int(get("intermediate_size")),
             vocab=int(get("vocab_size")),
             tied_embeddings=bool(get("tie_word_embeddings", False)),
+            fused_projections=get("model_type") in FUSED_PROJECTION_TYPES,
         )
 
     @property
@@ -116,6 +121,8 @@ class ModelShape:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``name -> (in_features, out_features)`` of one layer's linear layers."""
         h, k, i, q = self.hidden, self.kv_width, self.intermediate, self.heads * self.head_dim
+        if self.fused_projections:
+            return {"qkv_proj": (h, q + 2 * k), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {
             "q_proj": (h, q), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
@@ -137,8 +144,8 @@ class ModelShape:
         return self.quantised_params + self.full_precision_params
 
     def lora_params(self, r: int, targets: Sequence[str] | str = "all-linear") -> int:
-        names = LINEAR_NAMES if targets == "all-linear" else tuple(targets)
         shapes = self.linear_shapes()
+        names = tuple(shapes) if targets == "all-linear" else tuple(targets)
         unknown = [n for n in names if n not in shapes]
         if unknown:
             raise ValueError(f"LoRA targets {unknown} are not linear layers of this model ({', '.join(shapes)})")
@@ -251,7 +258,7 @@ def memory_floor(
             stats += 4 * blocks + CODE_BYTES_4BIT
     stats *= shape.layers
     p_lora = shape.lora_params(lora_r, lora_targets)
-    n_adapted = len(LINEAR_NAMES) if lora_targets == "all-linear" else len(tuple(lora_targets))
+    n_adapted = len(shape.linear_shapes()) if lora_targets == "all-linear" else len(tuple(lora_targets))
     h, k, i = shape.hidden, shape.kv_width, shape.intermediate
     tokens = sequences * seq_len
     saved = tokens * activation_bytes * (8 * h + 3 * k + 4 * i + n_adapted * lora_r)

@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .floor import LINEAR_NAMES, ModelShape
+from .floor import ModelShape
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def step_flops(
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     shapes = shape.linear_shapes()
-    names = LINEAR_NAMES if lora_targets == "all-linear" else tuple(lora_targets)
+    names = tuple(shapes) if lora_targets == "all-linear" else tuple(lora_targets)
     unknown = [n for n in names if n not in shapes]
     if unknown:
         raise ValueError(f"LoRA targets {unknown} are not linear layers of this model ({', '.join(shapes)})")
