@@ -19,6 +19,7 @@ from conftest import CHAT_TEMPLATE, CORPUS, build_tiny_llama, build_tokenizer
 from qlora_orpo import adapters as A
 from qlora_orpo import export as E
 from qlora_orpo import gguf_export as G
+from qlora_orpo import gguf_verify as GV
 from qlora_orpo import gguf_vocab as V
 from qlora_orpo.config import OrpoConfig
 from qlora_orpo.errors import ConfigError
@@ -115,12 +116,14 @@ def test_gguf_reads_back_as_base_plus_adapter(cases, exports, arch, quant):
     with torch.no_grad():
         logits = [model(torch.tensor([ids])).logits[0] for ids in IDS]
     scale = max(float(r.abs().max()) for r in case["reference"])
-    assert max_diff(logits, case["reference"]) <= G.gguf_tolerance(quant, scale)
+    assert max_diff(logits, case["reference"]) <= GV.gguf_tolerance(quant, scale)
     if quant == "f32":  # the merged weights bit for bit: only float32 summation order differs
-        assert max_diff(logits, case["reference"]) < 1e-4 and result.max_abs_diff < 1e-5
-    assert max_diff(logits, case["plain"]) > 10 * G.gguf_tolerance("f32", scale)  # the adapter is in there
-    assert 0 <= result.max_abs_diff <= result.tolerance and result.tokens_compared > 0
-    assert result.top1_agreement > 0.8 and result.greedy_runs == E.VERIFY_PROMPTS
+        assert max_diff(logits, case["reference"]) < 1e-4 and result.check.max_abs_diff < 1e-5
+    assert max_diff(logits, case["plain"]) > 10 * GV.gguf_tolerance("f32", scale)  # the adapter is in there
+    check = result.check
+    assert 0 <= check.max_abs_diff <= check.tolerance and check.tokens_compared > 0
+    assert check.top1_agreement > 0.8 and check.greedy_runs == E.VERIFY_PROMPTS
+    assert check.adapter_effect > check.tolerance  # the check could see a missing adapter
 
 
 def test_file_sizes_follow_the_quant_type(exports):
@@ -164,7 +167,7 @@ def test_permutation_is_what_transformers_reverses():
 def test_tokenisation_of_a_mixed_text_is_identical(cases, exports, arch):
     tokenizer = cases[arch]["tokenizer"]
     _, read = read_gguf(exports[(arch, "f16")].path)
-    text = G.mixed_text(tokenizer, "<|im_end|>") + " <|im_start|>user\n\t 007 ÉÀ 中文<|im_end|>"
+    text = GV.mixed_text(tokenizer, "<|im_end|>") + " <|im_start|>user\n\t 007 ÉÀ 中文<|im_end|>"
     ours = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert read(text, add_special_tokens=False)["input_ids"] == ours
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ours  # the special token stayed whole
@@ -251,7 +254,7 @@ def test_export_script_writes_gguf(cases, tmp_path, capsys):
     assert rc == 0, captured.err
     result = json.loads(captured.out)
     assert result["path"] == str(out) and result["quant"] == "q8_0" and out.is_file()
-    assert result["max_abs_diff"] <= result["tolerance"] and (tmp_path / "Modelfile").is_file()
+    assert result["check"]["max_abs_diff"] <= result["check"]["tolerance"] and (tmp_path / "Modelfile").is_file()
 
 
 def test_config_export_is_a_choice_and_accepts_old_booleans():
