@@ -48,10 +48,10 @@ from .export import (
     verification_texts,
 )
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
-from .gguf_vocab import MODELFILE_HEADER, build_vocab, render_modelfile, write_vocab
+from .gguf_vocab import MODELFILE_HEADER, Vocab, build_vocab, render_modelfile, write_vocab
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers model_type -> GGUF arch
@@ -162,15 +162,13 @@ def encode_tensor(name: str, tensor: torch.Tensor, quant: str) -> tuple[np.ndarr
     return half, F.F16
 
 
-def write_gguf(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, arch: str, quant: str,
-               name: str, adapter: str) -> Any:
-    """Write ``model`` and ``tokenizer`` to ``path``; returns the :class:`~qlora_orpo.gguf_vocab.Vocab` written."""
+def write_gguf(path: Path, model: PreTrainedModel, vocab: Vocab, arch: str, quant: str, name: str, adapter: str) -> None:
+    """Write ``model`` with the tokenizer metadata ``vocab`` to ``path``; ``adapter`` is recorded under :data:`OURS_KEY`."""
     import gguf
 
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    vocab = build_vocab(tokenizer, config.vocab_size)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type("model")
     writer.add_name(name)
@@ -198,7 +196,6 @@ def write_gguf(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return vocab
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +238,10 @@ def export_gguf(
     info = read_adapter(adapter_dir, require_card=not force)
     base_path = resolve_base(info, base)
     try:
-        arch = gguf_arch(AutoConfig.from_pretrained(base_path), f"base {base_path}")  # refuse before loading weights
+        config = AutoConfig.from_pretrained(base_path)
+        arch = gguf_arch(config, f"base {base_path}")  # refuse before loading weights
         tokenizer = AutoTokenizer.from_pretrained(base_path)
+        vocab = build_vocab(tokenizer, config.vocab_size)
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
@@ -261,7 +260,7 @@ def export_gguf(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         log(f"writing {out} ({quant}; norms and biases F32)")
-        vocab = write_gguf(tmp, merged, tokenizer, arch, quant, name, str(info.path.resolve()))
+        write_gguf(tmp, merged, vocab, arch, quant, name, str(info.path.resolve()))
         check = None
         if verify:
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)

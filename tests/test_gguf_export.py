@@ -264,3 +264,22 @@ def test_config_export_is_a_choice_and_accepts_old_booleans():
         OrpoConfig(export="yes please")
     with pytest.raises(ConfigError, match="gguf_quant"):
         OrpoConfig(gguf_quant="q4_k")
+
+
+def test_finetune_with_export_gguf_writes_the_file_and_modelfile(tmp_path):
+    from test_train import WORDS, tiny_config
+
+    from qlora_orpo.train import run
+
+    tokenizer = build_tokenizer()
+    build_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rows = [{"prompt": f"{WORDS[i % 16]} {WORDS[(3 * i) % 16]}", "chosen": "hello world", "rejected": "the lazy dog"}
+            for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path, tmp_path / "base", tmp_path / "pairs.jsonl", max_steps=2, save_every=0,
+                      export="gguf", gguf_quant="q8_0")
+    run(cfg)
+    gguf_dir = tmp_path / "runs" / "t" / "gguf"
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["Modelfile", "t-q8_0.gguf"]
+    assert 'PARAMETER stop "<|im_end|>"' in (gguf_dir / "Modelfile").read_text()
