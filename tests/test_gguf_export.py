@@ -246,6 +246,13 @@ def test_a_file_that_is_not_our_export_is_not_overwritten(cases, tmp_path):
     assert (tmp_path / "model.gguf").read_bytes() == b"mine"
 
 
+def test_an_earlier_export_and_its_modelfile_are_replaced(cases, tmp_path):
+    first = G.export_gguf(cases["llama"]["adapter"], tmp_path / "m.gguf", "f16", verify=False)
+    second = G.export_gguf(cases["llama"]["adapter"], tmp_path / "m.gguf", "q8_0", verify=False)
+    assert second.check is None and second.bytes == (tmp_path / "m.gguf").stat().st_size < first.bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]
+
+
 def test_export_script_writes_gguf(cases, tmp_path, capsys):
     out = tmp_path / "smol.gguf"
     rc = E.main(["--adapter", str(cases["llama"]["adapter"]), "--out", str(out), "--format", "gguf",
