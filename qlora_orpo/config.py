@@ -129,11 +129,19 @@ class OrpoConfig:
     eval_every: int = _f(0, "Optimizer steps between evaluations (0 = only before and after training).")
     save_every: int = _f(10, "Optimizer steps between checkpoints (0 = only at the end).")
     eval_batch_size: int = _f(4, "Pairs per evaluation batch.")
-    export: bool = _f(False, "After training, write a merged model directory and verify it with plain transformers.")
+    export: str = _f(
+        "none",
+        "After training, write a merged model directory (merged) or one GGUF file with an Ollama Modelfile "
+        "(gguf), verified with plain transformers. true/false from older configs mean merged/none.",
+        ("none", "merged", "gguf"),
+    )
+    gguf_quant: str = _f("f16", "GGUF type of the matrices when export is gguf (norms stay F32).", ("f32", "f16", "q8_0"))
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, list | tuple):
             self.lora_targets = ",".join(str(t) for t in self.lora_targets)
+        if isinstance(self.export, bool) or str(self.export).lower() in ("true", "false"):  # export was a bool
+            self.export = "merged" if str(self.export).lower() == "true" else "none"
         self._coerce_types()
         self._check_range("beta", self.beta, 0.0, math.inf, low_open=False)
         self._check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)

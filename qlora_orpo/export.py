@@ -454,14 +454,21 @@ def _render_export_card(meta: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="export.py",
-        description="Merge a LoRA adapter into its unquantised base and write a plain transformers directory, "
-                    "verified against base + adapter with plain transformers.",
+        description="Merge a LoRA adapter into its unquantised base and write a plain transformers directory "
+                    "(--format merged) or one GGUF file with an Ollama Modelfile (--format gguf), verified with "
+                    "plain transformers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--adapter", required=True, help="Adapter directory (a run's adapter/ or adapters/<name>).")
-    parser.add_argument("--out", required=True, help="Output directory (absent, empty, or an earlier export).")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the stored weights.")
+    parser.add_argument("--out", required=True, help="Output directory (absent, empty, or an earlier export); "
+                        "for gguf a .gguf file name, or a directory that gets model-<quant>.gguf.")
+    parser.add_argument("--format", choices=("merged", "gguf"), default="merged",
+                        help="merged: safetensors directory; gguf: one .gguf file for llama.cpp/LM Studio/Ollama.")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="dtype of the stored weights (merged only).")
+    parser.add_argument("--quant", choices=("f32", "f16", "q8_0"), default="f16",
+                        help="GGUF type of the matrices; norms stay F32 (gguf only).")
     parser.add_argument("--base", default=None,
                         help="Base model to merge into (directory, 'embedded' or hub id); default: the card's.")
     parser.add_argument("--force", action="store_true", help="Merge even if the base's fingerprint differs.")
@@ -472,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        print(json.dumps(export_gguf(args.adapter, args.out, args.quant, base=args.base, force=args.force).to_dict()))
+        return 0
     result = export_merged(
         args.adapter, args.out, args.dtype, base=args.base, force=args.force, max_shard_size=args.max_shard_size
     )

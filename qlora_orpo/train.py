@@ -262,10 +262,14 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         describe += (f"; held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
                      f"margin {before['reward_margin']:+.4f} -> {after['reward_margin']:+.4f}")
     log(describe)
-    if cfg.export:
+    if cfg.export == "merged":
         from .export import export_merged
 
         export_merged(adapter_dir, run_dir / "merged")
+    elif cfg.export == "gguf":
+        from .gguf_export import export_gguf
+
+        export_gguf(adapter_dir, run_dir / "gguf" / f"{run_dir.name}-{cfg.gguf_quant}.gguf", cfg.gguf_quant)
     _write_plots(run_dir)
     return summary
 

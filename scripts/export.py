@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Merge an adapter into its unquantised base and verify it. Flags: ``python scripts/export.py --help``."""
+"""Merge an adapter into its unquantised base (safetensors directory or GGUF) and verify it. Flags: ``--help``."""
 
 import sys
 
