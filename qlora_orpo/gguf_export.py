@@ -223,7 +223,9 @@ def export_gguf(
     written to a temporary sibling and renamed once verified; an existing ``out_path`` is
     replaced only if it is an earlier export of ours, an existing ``Modelfile`` only if we wrote it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .model import load_base
 
     start = time.perf_counter()
     if quant not in QUANTS:
@@ -242,9 +244,9 @@ def export_gguf(
         arch = gguf_arch(config, f"base {base_path}")  # refuse before loading weights
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         vocab = build_vocab(tokenizer, config.vocab_size)
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
+    model = load_base(base_path, "none", "cpu", torch.float32)  # merged in float32, never into 4-bit weights
     log(f"base {base_path} (float32, CPU); adapter {info.path}; GGUF {arch} {quant}")
     peft_model = load_adapter(model, tokenizer, info.path, force=force).eval()
     if verify:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .templating import ChatFormat, special_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,23 +78,18 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The special token that closes an assistant turn in the chat template (``<|im_end|>``, ``<|eot_id|>``).
 
-    Found by rendering one user/assistant exchange and taking the first special token after
-    the assistant's text; None without a chat template or when no special token follows.
+    The first special token of the closing tokens training labels (``templating.ChatFormat``);
+    None without a chat template, when the template fails, or when no special token follows a reply.
     """
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
-        text = _render(tokenizer, [("user", _PLACEHOLDER["user"]), ("assistant", _PLACEHOLDER["assistant"])], False)
+        fmt = ChatFormat.of(tokenizer)
     except Exception:  # noqa: BLE001 - a template may raise anything (jinja, its own raise_exception)
         return None
-    if _PLACEHOLDER["assistant"] not in text:
-        return None
-    tail = text[text.rindex(_PLACEHOLDER["assistant"]) + len(_PLACEHOLDER["assistant"]):]
-    special = _special_ids(tokenizer)
-    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-        if token_id in special:
-            return tokenizer.convert_ids_to_tokens(token_id)
-    return None
+    special = special_token_ids(tokenizer)
+    first = next((t for t in fmt.end_ids if t in special), None) if fmt.reply_tail else None
+    return tokenizer.convert_ids_to_tokens(first) if first is not None else None
 
 
 def build_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Vocab:
@@ -160,10 +156,6 @@ def write_vocab(writer: Any, vocab: Vocab) -> None:
 def _render(tokenizer: PreTrainedTokenizerBase, turns: list[tuple[str, str]], generation: bool) -> str:
     messages = [{"role": role, "content": content} for role, content in turns]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-
-
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def _split(text: str, placeholder: str) -> tuple[str, str]:

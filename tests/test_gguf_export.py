@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, CORPUS, build_tiny_llama, build_tokenizer
+from conftest import CORPUS, build_tiny_llama, build_tokenizer
 
 from qlora_orpo import adapters as A
 from qlora_orpo import export as E
 from qlora_orpo import gguf_export as G
 from qlora_orpo import gguf_verify as GV
 from qlora_orpo import gguf_vocab as V
+from qlora_orpo.bench.tiny import CHAT_TEMPLATE
 from qlora_orpo.config import OrpoConfig
 from qlora_orpo.errors import ConfigError
 
