@@ -93,3 +93,28 @@ def build_tiny_model_dir(path: Path, data: str = EMBEDDED, vocab_size: int = 512
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_smollm2_shaped_dir(path: Path, data: str = EMBEDDED, vocab_size: int = 8192) -> Path:
+    """A random model of SmolLM2-135M's shape (30 layers, 576 wide), saved to ``path``.
+
+    For measuring speed and memory where the embedded model's package cannot be installed
+    (a GPU machine without network): the same matmul shapes and layer count, a BPE
+    tokenizer trained on the data (``vocab_size`` tokens; the embedding keeps 49,152 rows).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..data import load_preferences
+
+    pairs = load_preferences(data).pairs
+    corpus = [m["content"] for p in pairs for m in p.prompt] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    tokenizer = build_tokenizer(corpus, vocab_size=vocab_size, chat_template=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
