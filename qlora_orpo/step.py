@@ -93,6 +93,38 @@ def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Callab
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _FusedChunkLogps(torch.autograd.Function):
+    """A chunk's log-probs whose gradient w.r.t. the hidden states is computed in the forward.
+
+    For a frozen head, the backward needs only ``d logp_i / d h_i`` per row (a row's log-prob
+    depends on that row's hidden state alone), so the forward computes it while the logits
+    exist and keeps that ``(n, H)`` tensor instead of recomputing the ``(n, V)`` logits in
+    the backward, as Liger-Kernel's fused linear losses do. The backward scales each row
+    by its incoming gradient. Only valid when no head parameter needs a gradient (LoRA on
+    the ``lm_head`` takes the checkpointed path).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_()
+            logps = _chunk_token_logps(leaf, targets, head)
+            (grad_hidden,) = torch.autograd.grad(logps.sum(), leaf)
+        ctx.save_for_backward(grad_hidden)
+        return logps.detach()
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_logps.unsqueeze(-1).to(grad_hidden.dtype) * grad_hidden, None, None
+
+
+def head_is_frozen(head: Callable) -> bool:
+    """True when no parameter of the head (its ``lm_head``, or the module itself) needs a gradient."""
+    module = getattr(head, "lm_head", head)
+    return isinstance(module, nn.Module) and not any(p.requires_grad for p in module.parameters())
+
+
 def chunked_token_logps(
     hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
@@ -109,19 +141,25 @@ def chunked_token_logps(
         ``(batch, seq - 1)`` log P(labels[:, 1:]) (position t predicts token t+1), float32,
         zero where not scored: feed it to ``loss.sequence_logps`` with ``labels[:, 1:]``.
 
-    Only scored positions reach the head (prompt and padding cost nothing), and each
-    chunk is checkpointed: its ``(chunk, vocab)`` logits are freed after the forward and
-    recomputed in the backward, so logits memory is one chunk, not sequence x vocabulary.
+    Only scored positions reach the head (prompt and padding cost nothing), and a chunk's
+    ``(chunk, vocab)`` logits are freed after its forward, so logits memory is one chunk,
+    not sequence x vocabulary. With a frozen head the chunk's gradient w.r.t. the hidden
+    states is computed right then (:class:`_FusedChunkLogps`, no recomputation); with a
+    trainable head (LoRA on ``lm_head``) the chunk is checkpointed and recomputed in the
+    backward.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     scored_hidden = hidden[:, :-1][mask]  # (n_scored, H)
     scored_targets = targets[mask]  # (n_scored,)
     pieces = []
+    fused = head_is_frozen(head)
     for start in range(0, scored_targets.numel(), chunk_size):
         h = scored_hidden[start : start + chunk_size]
         t = scored_targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and fused:
+            pieces.append(_FusedChunkLogps.apply(h, t, head))
+        elif torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_chunk_token_logps, h, t, head, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(h, t, head))

@@ -9,19 +9,21 @@ from peft import LoraConfig, get_peft_model
 
 from qlora_orpo.collate import SideBatch, TokenizedPair, collate_pairs
 from qlora_orpo.loss import IGNORE_INDEX, orpo_loss, sequence_logps
-from qlora_orpo.step import OrpoStep, chunked_token_logps, forward_logps
+from qlora_orpo.step import OrpoStep, OutputHead, chunked_token_logps, forward_logps, head_is_frozen
 
 VOCAB = 97
 
 
-def tiny_lora_model(dropout: float = 0.0, dtype=torch.float32, checkpointing: bool = True):
+def tiny_lora_model(dropout: float = 0.0, dtype=torch.float32, checkpointing: bool = True, lora_on_head: bool = False):
     model = build_tiny_llama(vocab_size=VOCAB).to(dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     # init_lora_weights=False: B is random too, so the adapter is non-identity and every
     # LoRA matrix gets a non-zero gradient.
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    targets = "all-linear" if not lora_on_head else [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     peft_model.train()
     return peft_model
@@ -63,6 +65,38 @@ def test_chunked_token_logps_equal_plain_logits_and_gradients():
     (g_plain,) = torch.autograd.grad(want.sum(), hidden)
     torch.testing.assert_close(g_chunked, g_plain, rtol=1e-5, atol=1e-7)
     assert (chunked[labels[:, 1:] == IGNORE_INDEX] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_chunk_gradient_equals_the_checkpointed_chunk(dtype):
+    """A frozen head computes each chunk's hidden-state gradient in the forward (no recomputation)."""
+    torch.manual_seed(0)
+    frozen = torch.nn.Linear(16, VOCAB, bias=False).to(dtype).requires_grad_(False)
+    trainable = torch.nn.Linear(16, VOCAB, bias=False).to(dtype)
+    trainable.weight.data.copy_(frozen.weight)
+    assert head_is_frozen(frozen) and not head_is_frozen(trainable)
+    labels = torch.randint(0, VOCAB, (3, 11))
+    labels[1, :5] = IGNORE_INDEX
+    weights = torch.randn(3, 10, dtype=torch.float32)  # distinct upstream gradient per token
+    grads = []
+    for head in (frozen, trainable):
+        hidden = torch.randn(3, 11, 16, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        logps = chunked_token_logps(hidden, head, labels, chunk_size=4)
+        (grad,) = torch.autograd.grad((weights * logps).sum(), hidden)
+        grads.append((logps.detach(), grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("lora_on_head", [False, True])
+def test_split_gradient_equals_joint_with_and_without_lora_on_lm_head(lora_on_head):
+    model = tiny_lora_model(lora_on_head=lora_on_head)
+    assert head_is_frozen(OutputHead(model)) is not lora_on_head
+    batch = collate_pairs(random_pairs(3), pad_token_id=0)
+    _, joint = run_step(model, batch, "joint")
+    _, split = run_step(model, batch, "split")
+    assert any("lm_head" in n for n in split) is lora_on_head
+    assert_grads_close(split, joint)
 
 
 def test_forward_logps_equal_full_logits_path():
