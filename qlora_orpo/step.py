@@ -22,6 +22,9 @@ Three ways to get the same gradient (``--step``):
 * ``joint``: chosen and rejected concatenated into one padded batch, one forward, one
   backward, as TRL does. Peak memory holds both sides padded to the longer one.
 
+* ``auto`` (the default in training): ``sequential`` for a micro-batch whose two sides
+  fit the memory budget by the analytic floor, else ``split`` (``step_choice.py``).
+
 In every mode the log-probs come from :func:`chunked_token_logps`: the ``lm_head`` runs on
 ``logits_chunk_size`` scored positions at a time inside a checkpoint, so full
 sequence x vocabulary logits never exist, in the forward or the backward.
@@ -39,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from .collate import PairBatch, SideBatch, concat_sides
 from .loss import IGNORE_INDEX, orpo_logp_grads, orpo_loss, sequence_logps
 
-STEP_MODES = ("split", "sequential", "joint")
+STEP_MODES = ("split", "sequential", "joint", "auto")
 
 
 class _GivenHidden(nn.Module):
@@ -234,6 +237,7 @@ class OrpoStep:
         pad_token_id: int = 0,
         device: torch.device | str = "cpu",
         backward: Callable[[torch.Tensor], None] = _default_backward,
+        choose: Callable[[PairBatch], str] | None = None,
     ):
         if mode not in STEP_MODES:
             raise ValueError(f"step mode {mode!r} is not one of {', '.join(STEP_MODES)}")
@@ -241,11 +245,15 @@ class OrpoStep:
         self.nll_over_prompt, self.pad_token_id = nll_over_prompt, pad_token_id
         self.device = torch.device(device)
         self.backward = backward
+        if mode == "auto" and choose is None:
+            raise ValueError("step mode 'auto' needs a chooser (step_choice.StepChooser)")
+        self.choose = choose
 
     def __call__(self, batch: PairBatch, loss_scale: float = 1.0) -> StepOutput:
         """Accumulate ``loss_scale * dL/dθ`` into the parameters' ``.grad``; L is the batch-mean ORPO loss."""
         batch = batch.to(self.device)
-        run = {"split": self._split, "sequential": self._sequential, "joint": self._joint}[self.mode]
+        mode = self.choose(batch) if self.mode == "auto" else self.mode
+        run = {"split": self._split, "sequential": self._sequential, "joint": self._joint}[mode]
         loss, metrics = run(batch, loss_scale)
         tokens = batch.chosen.num_tokens + batch.rejected.num_tokens
         return StepOutput(loss.detach(), metrics, tokens, batch.rows)

@@ -158,9 +158,10 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if resume else None)
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
+    chooser = step_chooser(cfg, model, device) if cfg.step == "auto" else None
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
-        backward=lambda loss: scaler.scale(loss).backward(),
+        backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
     )
 
     def evaluate(tag: str) -> dict[str, float] | None:
@@ -262,6 +263,8 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         describe += (f"; held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
                      f"margin {before['reward_margin']:+.4f} -> {after['reward_margin']:+.4f}")
     log(describe)
+    if chooser is not None:
+        log(chooser.describe())
     if cfg.export == "merged":
         from .export import export_merged
 
@@ -272,6 +275,19 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         export_gguf(adapter_dir, run_dir / "gguf" / f"{run_dir.name}-{cfg.gguf_quant}.gguf", cfg.gguf_quant)
     _write_plots(run_dir)
     return summary
+
+
+def step_chooser(cfg: OrpoConfig, model, device: torch.device):
+    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget."""
+    from .bench.floor import ModelShape
+    from .step_choice import MIB, StepChooser, available_memory_bytes
+
+    budget = cfg.memory_budget_mib * MIB or available_memory_bytes(device)
+    return StepChooser(
+        shape=ModelShape.from_config(model.get_base_model().config), budget_bytes=budget, lora_r=cfg.lora_r,
+        lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
+        activation_bytes=model.get_input_embeddings().weight.element_size(),
+    )
 
 
 def save_final_adapter(model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None) -> Path:

@@ -1,0 +1,63 @@
+"""``--step auto``: sequential when both sides fit the budget, split otherwise; same gradient either way."""
+
+from __future__ import annotations
+
+import torch
+from test_step import assert_grads_close, random_pairs, run_step, tiny_lora_model
+
+from qlora_orpo.bench.floor import ModelShape
+from qlora_orpo.collate import collate_pairs
+from qlora_orpo.step import OrpoStep
+from qlora_orpo.step_choice import StepChooser, available_memory_bytes
+
+SMOLLM2 = ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152,
+                     tied_embeddings=True)
+
+
+def chooser(budget_mib: float) -> StepChooser:
+    return StepChooser(SMOLLM2, int(budget_mib * 2**20), lora_r=16, lora_targets="all-linear", chunk_size=64,
+                       activation_bytes=4)
+
+
+def batch_of(length: int):
+    from qlora_orpo.collate import TokenizedPair
+
+    pair = TokenizedPair(tuple(range(3, 3 + length // 2)), tuple(range(3, 3 + length // 2)), (5, 6, 7), row=1)
+    return collate_pairs([pair], pad_token_id=0)
+
+
+def test_sequential_when_two_sides_fit_split_when_only_one_does():
+    probe = chooser(0)
+    one, two = probe.predicted_bytes(1024, 1), probe.predicted_bytes(1024, 2)
+    assert one < two
+    between = (one + two) / 2 / 2**20
+    assert chooser(between)(batch_of(1024)) == "split"
+    assert chooser(two / 2**20 + 1)(batch_of(1024)) == "sequential"
+    # The same budget takes a short batch sequentially and a long one split.
+    mixed = chooser(chooser(0).predicted_bytes(512, 2) / 2**20 + 1)
+    assert [mixed(batch_of(n)) for n in (512, 2048, 512)] == ["sequential", "split", "sequential"]
+    assert mixed.counts == {"sequential": 2, "split": 1}
+    assert "sequential 2, split 1" in mixed.describe()
+
+
+def test_available_memory_is_positive_on_this_machine():
+    assert available_memory_bytes(torch.device("cpu")) > 0
+
+
+def test_auto_step_gives_the_joint_gradient_in_either_mode():
+    model = tiny_lora_model()
+    batch = collate_pairs(random_pairs(3), pad_token_id=0)
+    _, joint = run_step(model, batch, "joint")
+    for decision in ("sequential", "split"):
+        picked = []
+
+        def choose(b, decision=decision):
+            picked.append(decision)
+            return decision
+
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        OrpoStep(model, beta=0.5, mode="auto", chunk_size=5, choose=choose)(batch, loss_scale=0.5)
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert picked == [decision]
+        assert_grads_close(grads, joint)
