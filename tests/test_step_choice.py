@@ -51,7 +51,7 @@ def test_auto_step_gives_the_joint_gradient_in_either_mode():
     for decision in ("sequential", "split"):
         picked = []
 
-        def choose(b, decision=decision):
+        def choose(b, decision=decision, picked=picked):
             picked.append(decision)
             return decision
 
