@@ -131,18 +131,15 @@ def load_base_for_evaluation(cfg: OrpoConfig):
     """``(model, tokenizer, device)``: the base as ``model.load_model_for_training`` loads it, for inference.
 
     The same loader (``model.load_base``: quantisation, compute dtype, the bitsandbytes CPU
-    work-around) as training, so on the CPU the numbers equal those of the training run's
-    own evaluations; no LoRA, no gradient checkpointing.
+    work-around) as training, so the numbers equal those of the training run's own
+    evaluations; no LoRA, no gradient checkpointing.
     """
     from .model import load_base, load_tokenizer, resolve_compute_dtype, resolve_model_path, select_device
 
     path = resolve_model_path(cfg.model)
     device = select_device(cfg.device)
     tokenizer = load_tokenizer(path)
-    # Unquantised tensors in float32 on every device: the adapter's fingerprint check hashes
-    # the embedding bytes of the float32 checkpoint (a 16-bit copy has other bytes).
-    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
-    model = load_base(path, cfg.quant, device, compute_dtype, dtype=torch.float32, name=cfg.model)
+    model = load_base(path, cfg.quant, device, resolve_compute_dtype(cfg.compute_dtype, device), name=cfg.model)
     return model, tokenizer, device
 
 
