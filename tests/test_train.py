@@ -95,7 +95,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_mod
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"step {step}"
 
 
-def test_non_finite_loss_stops_with_step_and_rows(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+def poison_micro_batch(monkeypatch, call: int, poison) -> None:
+    """Run ``poison(step, out)`` after the ``call``-th micro-batch (1-based) of the training step."""
     import qlora_orpo.step as step
 
     calls = {"n": 0}
@@ -104,11 +105,18 @@ def test_non_finite_loss_stops_with_step_and_rows(tmp_path, tiny_model_dir, tiny
     def poisoned(self, batch, loss_scale=1.0):
         out = real(self, batch, loss_scale)
         calls["n"] += 1
-        if calls["n"] == 5:  # first micro-batch of step 3
-            out.loss = torch.tensor(float("nan"))
+        if calls["n"] == call:
+            poison(self, out)
         return out
 
     monkeypatch.setattr(step.OrpoStep, "__call__", poisoned)
+
+
+def test_non_finite_loss_stops_with_step_and_rows(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    def nan_loss(step, out):
+        out.loss = torch.tensor(float("nan"))
+
+    poison_micro_batch(monkeypatch, 5, nan_loss)  # first micro-batch of step 3
     cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data)
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3, pair rows \[\d+, \d+\].*step-000002"):
         run(cfg)
@@ -118,20 +126,11 @@ def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, tiny_mode
     """A finite loss whose gradient is NaN (as a bad rejected pass in the split step gives) stops the run."""
     from safetensors.torch import load_file
 
-    import qlora_orpo.step as step
+    def nan_gradient(step, out):
+        lora = next(p for n, p in step.model.named_parameters() if "lora_B" in n)
+        lora.grad[0, 0] = float("nan")
 
-    calls = {"n": 0}
-    real = step.OrpoStep.__call__
-
-    def poisoned(self, batch, loss_scale=1.0):
-        out = real(self, batch, loss_scale)
-        calls["n"] += 1
-        if calls["n"] == 6:  # second micro-batch of step 3
-            lora = next(p for n, p in self.model.named_parameters() if "lora_B" in n)
-            lora.grad[0, 0] = float("nan")
-        return out
-
-    monkeypatch.setattr(step.OrpoStep, "__call__", poisoned)
+    poison_micro_batch(monkeypatch, 6, nan_gradient)  # second micro-batch of step 3
     cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data)
     with pytest.raises(TrainingError, match=r"non-finite gradient norm \(nan\) at step 3, pair rows \[\d+, \d+, \d+, \d+\].*"
                                             r"weights were not updated.*step-000002"):
