@@ -217,3 +217,32 @@ def test_markdown_report_without_adapter():
     text = markdown_report({"settings": settings, "pairs": {"evaluated": 2, "held_out": 9, "data": "x"},
                             "base": metrics, "adapter": None})
     assert "| metric | base |" in text and "| reward accuracy (log-odds w > l) | 0.500 |" in text
+
+
+def test_report_with_adapter_health_and_a_sweep_row():
+    from qlora_orpo.report import sweep_table
+
+    base = {"pairs": 100, "reward_accuracy": 0.5, "reward_accuracy_low": 0.4, "reward_accuracy_high": 0.6,
+            "log_odds_ratio": 0.0, "reward_margin": 0.0, "chosen_logp": -3.0, "rejected_logp": -3.1,
+            "nll": 3.0, "or_loss": 0.7, "loss": 3.07}
+    adapter = {**base, "reward_accuracy": 0.62, "nll": 2.9}
+    ci = {"change": 0.12, "low": 0.05, "high": 0.19}
+    change = {k: dict(ci) for k in ("reward_accuracy", "log_odds_ratio", "reward_margin", "chosen_logp",
+                                    "rejected_logp", "nll")} | {"gained": 15, "lost": 3}
+    change["nll"] = {"change": -0.1, "low": -0.15, "high": -0.05}
+    side = {"metrics": {"prompts": 2, "ended_rate": 0.5, "seq_rep_4": 0.1, "distinct_2": 0.8, "mean_length": 20.0},
+            "prompts": ["hi | there", "b"], "replies": [{"ids": [1, 2], "ended": True, "text": "ok"},
+                                                      {"ids": [3], "ended": False, "text": ""}]}
+    health = {"base": side, "adapter": side, "max_new_tokens": 64, "gate": {"passes": True, "why": "healthy"},
+              "change": {"ended_rate": 0.0, "seq_rep_4": 0.0, "distinct_2": 0.0, "mean_length": 0.0,
+                         "median_length_ratio": 1.0}}
+    settings = {"eval_fraction": 0.1, "max_length": 512, "beta": 0.25, "nll_over_prompt": False, "quant": "nf4"}
+    result = {"settings": settings, "pairs": {"evaluated": 100, "held_out": 100, "data": "x"}, "base": base,
+              "adapter": adapter, "change": change, "health": health, "selected_step": 80}
+    text = markdown_report(result, show_replies=1)
+    assert "| reward accuracy (log-odds w > l) | 0.500 [0.400, 0.600] | 0.620 [0.400, 0.600] | +0.120 [+0.050, +0.190] |" in text
+    assert "15 pairs turned right, 3 turned wrong" in text
+    assert "| seq-rep-4 (mean per reply) | 0.100 | 0.100 | +0.000 |" in text and "passes" in text
+    assert "**Prompt 1:** hi | there" in text and "**Prompt 2:**" not in text
+    row = sweep_table([("r1", {"learning_rate": 2e-4, "beta": 0.25}, result, 12.5)]).splitlines()[-1]
+    assert row.startswith("| r1 | 0.0002 | 0.25 |") and "| 12.5 | 80 | 0.500 -> 0.620 | +0.120 [+0.050, +0.190] |" in row
