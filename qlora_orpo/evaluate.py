@@ -235,8 +235,8 @@ def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: 
     return load_adapter(model, tokenizer, adapter_dir, force=force)
 
 
-def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any]]:
-    """The pairs ``train.run`` evaluates on, tokenised; plus a description of where they came from."""
+def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any], list[Any]]:
+    """The pairs ``train.run`` evaluates on, tokenised; a description of where they came from; the untokenised held-out pairs."""
     from .data import load_from_config, split_holdout
     from .templating import tokenize_pairs
 
@@ -251,8 +251,8 @@ def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict
         raise UserError(f"{data.source}: no held-out pair survived tokenisation (eval_fraction {cfg.eval_fraction})")
     return tokenized, {
         "data": data.source, "held_out": len(held), "evaluated": len(tokenized),
-        "dropped": len(stats.dropped_rows), "truncated": stats.truncated, "pairs": held,
-    }
+        "dropped": len(stats.dropped_rows), "truncated": stats.truncated,
+    }, held
 
 
 def run_evaluation(
@@ -270,8 +270,7 @@ def run_evaluation(
     if adapter is not None:
         model = attach_adapter(model, tokenizer, adapter, force=force)
         model.eval()
-    pairs, where = heldout_pairs(cfg, tokenizer)
-    held = where.pop("pairs")
+    pairs, where, held = heldout_pairs(cfg, tokenizer)
     results = evaluate_base_and_adapter(
         model, pairs, cfg.beta, tokenizer.pad_token_id, device=device, batch_size=cfg.eval_batch_size,
         chunk_size=cfg.logits_chunk_size, nll_over_prompt=cfg.nll_over_prompt, progress=progress,
