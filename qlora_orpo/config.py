@@ -54,7 +54,7 @@ class OrpoConfig:
         "Share of pairs held out for evaluation, chosen by a fixed hash of each pair's text "
         "(stable across runs, seeds and row order). 0 disables evaluation.",
     )
-    eval_max_pairs: int = _f(64, "At most this many held-out pairs are evaluated (0 = all).")
+    eval_max_pairs: int = _f(0, "At most this many held-out pairs are evaluated (0 = all).")
     # --- sequence lengths ------------------------------------------------------------------
     max_length: int = _f(512, "Maximum tokens of prompt + response; the response is truncated to fit.")
     max_prompt_length: int = _f(256, "Maximum prompt tokens; longer prompts lose their oldest tokens.")
@@ -142,6 +142,20 @@ class OrpoConfig:
         ("none", "merged", "gguf"),
     )
     gguf_quant: str = _f("f16", "GGUF type of the matrices when export is gguf (norms stay F32).", ("f32", "f16", "q8_0"))
+    # --- generation health and checkpoint selection (health.py, selection.py) -----------------
+    health_prompts: int = _f(
+        16,
+        "Held-out prompts answered greedily to check generation health (end-of-turn rate, seq-rep-4, "
+        "distinct-2), base vs adapter, at the end of a run, at periodic evaluations with select_best, and "
+        "in evaluate.py (0 = none).",
+    )
+    health_max_new_tokens: int = _f(128, "Longest greedy reply of the health check; one still going then did not end.")
+    select_best: bool = _f(
+        False,
+        "Ship the evaluated checkpoint (every eval_every steps, and the last) with the lowest held-out ORPO "
+        "loss among those whose generation health passes the gate: end-of-turn rate at most 5 points below "
+        "the base's, seq-rep-4 at most 0.05 above it.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, list | tuple):
@@ -164,6 +178,10 @@ class OrpoConfig:
         self._check_int("max_length", 2)
         self._check_int("max_prompt_length", 1)
         self._check_int("logits_chunk_size", 1)
+        self._check_int("health_prompts", 0)
+        self._check_int("health_max_new_tokens", 1)
+        if self.select_best and not self.eval_every:
+            raise ConfigError("select_best: needs eval_every > 0 (checkpoints to choose from)")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"max_prompt_length: {self.max_prompt_length} must be smaller than max_length "

@@ -1,17 +1,21 @@
-"""Held-out evaluation: reward accuracy, log-odds ratio, reward margin and chosen NLL.
+"""Held-out evaluation: reward accuracy with its interval, log-odds ratio, margin, log-probs, chosen NLL.
 
 Pairs are batched (longest first, so padding stays small) and run without gradients; only
 one batch's chunked log-probs exist at a time (no full-vocabulary logits, see ``step.py``).
-Metrics are averaged over pairs, not batches, so the last short batch weighs what it holds.
+:func:`score_pairs` keeps the per-pair log-probs (in the pairs' order); metrics are means
+over pairs, not batches. Base and adapter are scored on the same pairs, so their difference
+gets a paired bootstrap interval (:func:`compare_scores`, ``stats.py``): that interval, not
+two separate ones, says whether a gain excludes zero.
 
 ``scripts/evaluate.py`` (:func:`main`) runs the same evaluation outside training: the base
 loaded as training loads it (4-bit NF4 unless ``--quant none``), the held-out split that
-training held out (``data.split_holdout`` with the same ``eval_fraction``, the same
-tokenisation and the same first ``eval_max_pairs``), and, with ``--adapter``, the base alone
-and base + adapter side by side. The base is loaded once: its numbers come from the same
-model with the adapter switched off (``PeftModel.disable_adapter()``). Settings default to
-the adapter's own training config (recorded in its card), so evaluating a run's adapter
-reproduces that run's ``before`` and ``after`` records.
+training held out (``data.split_holdout`` with the same ``eval_fraction`` and tokenisation),
+every held-out pair unless ``--max-pairs``, and, with ``--adapter``, the base alone and
+base + adapter side by side, plus generation health on held-out prompts (``health.py``).
+The base is loaded once: its numbers come from the same model with the adapter switched off
+(``PeftModel.disable_adapter()``). Settings default to the adapter's own training config
+(recorded in its card), so evaluating a run's adapter reproduces that run's ``before`` and
+``after`` records. The markdown report is ``report.py``'s.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,64 @@ from .collate import TokenizedPair, collate_pairs
 from .config import OrpoConfig
 from .errors import UserError, command
 from .loss import log_odds
+from .report import markdown_report  # noqa: F401  (re-exported: evaluate.markdown_report)
+from .stats import paired_bootstrap, wilson_interval
 from .step import forward_logps
 
 
+@dataclass
+class PairScores:
+    """Per-pair log-probs of one model on a list of pairs, in the list's order; each ``(n,)`` float64."""
+
+    chosen_logps: torch.Tensor  # mean log-prob of the chosen response tokens
+    rejected_logps: torch.Tensor
+    chosen_nll: torch.Tensor  # over the response, or prompt + response (nll_over_prompt)
+
+    def log_odds_ratios(self) -> torch.Tensor:
+        return log_odds(self.chosen_logps) - log_odds(self.rejected_logps)
+
+    def correct(self) -> torch.Tensor:
+        """1.0 where the model prefers the chosen response (log-odds w > l), else 0.0."""
+        return (self.log_odds_ratios() > 0).double()
+
+
 @torch.no_grad()
+def score_pairs(
+    model: nn.Module,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+    chunk_size: int = 64,
+    nll_over_prompt: bool = False,
+    progress: bool = True,
+    pad_to_multiple_of: int = 1,
+) -> PairScores:
+    """Forward every pair without gradients, longest first (little padding); scores come back in ``pairs`` order."""
+    was_training = model.training
+    model.eval()  # dropout off; model.py has disabled bitsandbytes' CPU repacking
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
+                                                                                      len(pairs[i].rejected_ids))))
+    chosen_logps, rejected_logps, chosen_nll = [], [], []
+    try:
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="evaluating", disable=not progress or None, leave=False, unit="batch"):
+            batch_pairs = [pairs[i] for i in order[start : start + batch_size]]
+            batch = collate_pairs(batch_pairs, pad_token_id, pad_to_multiple_of).to(device)
+            chosen = forward_logps(model, batch.chosen, chunk_size, nll_over_prompt)
+            rejected = forward_logps(model, batch.rejected, chunk_size, nll_over_prompt)
+            chosen_logps.append(chosen.logps.double().cpu())
+            rejected_logps.append(rejected.logps.double().cpu())
+            chosen_nll.append(chosen.nll.double().cpu())
+    finally:
+        model.train(was_training)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    empty = torch.empty(0, dtype=torch.float64)
+    return PairScores(*((torch.cat(parts) if parts else empty)[inverse] for parts in
+                        (chosen_logps, rejected_logps, chosen_nll)))
+
+
 def evaluate_pairs(
     model: nn.Module,
     pairs: Sequence[TokenizedPair],
@@ -48,83 +106,107 @@ def evaluate_pairs(
     progress: bool = True,
     pad_to_multiple_of: int = 1,
 ) -> dict[str, float]:
-    """Evaluate ``pairs``; returns plain floats (this is a log point, so syncing is fine).
+    """Evaluate ``pairs``; returns plain floats (this is a log point, so syncing is fine). Keys: :func:`summarise`'s."""
+    scores = score_pairs(model, pairs, pad_token_id, device, batch_size, chunk_size, nll_over_prompt, progress,
+                         pad_to_multiple_of)
+    return summarise_scores(scores, beta)
 
-    Keys: ``pairs``, ``reward_accuracy`` (share of pairs with log_odds_w > log_odds_l),
-    ``log_odds_ratio``, ``reward_margin`` (beta * (logp_w - logp_l)), ``nll`` (chosen),
-    ``or_loss`` and ``loss`` (nll + beta * or_loss), all means over pairs.
-    """
-    was_training = model.training
-    model.eval()  # dropout off; model.py has disabled bitsandbytes' CPU repacking
-    ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
-    chosen_logps, rejected_logps, chosen_nll = [], [], []
-    try:
-        batches = range(0, len(ordered), batch_size)
-        for start in tqdm(batches, desc="evaluating", disable=not progress or None, leave=False, unit="batch"):
-            batch = collate_pairs(ordered[start : start + batch_size], pad_token_id, pad_to_multiple_of).to(device)
-            chosen = forward_logps(model, batch.chosen, chunk_size, nll_over_prompt)
-            rejected = forward_logps(model, batch.rejected, chunk_size, nll_over_prompt)
-            chosen_logps.append(chosen.logps.float().cpu())
-            rejected_logps.append(rejected.logps.float().cpu())
-            chosen_nll.append(chosen.nll.float().cpu())
-    finally:
-        model.train(was_training)
-    return summarise(torch.cat(chosen_logps), torch.cat(rejected_logps), torch.cat(chosen_nll), beta)
+
+def summarise_scores(scores: PairScores, beta: float) -> dict[str, float]:
+    return summarise(scores.chosen_logps, scores.rejected_logps, scores.chosen_nll, beta)
 
 
 def summarise(
     chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_nll: torch.Tensor, beta: float
 ) -> dict[str, float]:
-    """Per-pair log-probs ``(n,)`` -> evaluation metrics (see :func:`evaluate_pairs`)."""
-    ratio = log_odds(chosen_logps.double()) - log_odds(rejected_logps.double())
+    """Per-pair log-probs ``(n,)`` -> evaluation metrics, means over pairs.
+
+    Keys: ``pairs``; ``reward_accuracy`` (share of pairs with log_odds_w > log_odds_l) and its
+    95% Wilson interval ``reward_accuracy_low``/``_high``; ``log_odds_ratio``; ``reward_margin``
+    (beta * (logp_w - logp_l)); ``chosen_logp`` and ``rejected_logp`` (mean length-normalised
+    log-probs: both falling together is collapse, not preference); ``nll`` (chosen);
+    ``or_loss``; ``loss`` (nll + beta * or_loss).
+    """
+    chosen_logps, rejected_logps = chosen_logps.double(), rejected_logps.double()
+    ratio = log_odds(chosen_logps) - log_odds(rejected_logps)
     or_losses = -torch.nn.functional.logsigmoid(ratio)
     nll = chosen_nll.double().mean().item()
+    correct = int((ratio > 0).sum().item())
+    low, high = wilson_interval(correct, int(ratio.numel()))
     return {
         "pairs": int(chosen_logps.numel()),
         "reward_accuracy": (ratio > 0).double().mean().item(),
+        "reward_accuracy_low": low,
+        "reward_accuracy_high": high,
         "log_odds_ratio": ratio.mean().item(),
-        "reward_margin": (beta * (chosen_logps.double() - rejected_logps.double())).mean().item(),
+        "reward_margin": (beta * (chosen_logps - rejected_logps)).mean().item(),
+        "chosen_logp": chosen_logps.mean().item(),
+        "rejected_logp": rejected_logps.mean().item(),
         "nll": nll,
         "or_loss": or_losses.mean().item(),
         "loss": nll + beta * or_losses.mean().item(),
     }
 
 
+# Per-pair quantities whose adapter-minus-base change gets a paired interval: (key, per-pair values).
+PAIRED = (
+    ("reward_accuracy", lambda s, beta: s.correct()),
+    ("log_odds_ratio", lambda s, beta: s.log_odds_ratios()),
+    ("reward_margin", lambda s, beta: beta * (s.chosen_logps - s.rejected_logps)),
+    ("chosen_logp", lambda s, beta: s.chosen_logps),
+    ("rejected_logp", lambda s, beta: s.rejected_logps),
+    ("nll", lambda s, beta: s.chosen_nll),
+)
+
+
+def compare_scores(base: PairScores, adapter: PairScores, beta: float, confidence: float = 0.95) -> dict[str, Any]:
+    """Adapter minus base on the same pairs: each change with a paired bootstrap interval.
+
+    ``{key: {"change", "low", "high"}}`` for the keys of :data:`PAIRED`, plus ``gained`` and
+    ``lost``: pairs the adapter gets right that the base got wrong, and the reverse.
+    """
+    if base.chosen_logps.shape != adapter.chosen_logps.shape:
+        raise ValueError("base and adapter must be scored on the same pairs")
+    out: dict[str, Any] = {}
+    for key, values in PAIRED:
+        change, low, high = paired_bootstrap(values(adapter, beta) - values(base, beta), confidence)
+        out[key] = {"change": change, "low": low, "high": high}
+    before, after = base.correct().bool(), adapter.correct().bool()
+    out["gained"] = int((after & ~before).sum())
+    out["lost"] = int((before & ~after).sum())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Base and adapter, side by side (scripts/evaluate.py)
 # ---------------------------------------------------------------------------------------------
 
-# What the markdown table shows, in order: (key, label, format).
-TABLE_ROWS = (
-    ("reward_accuracy", "reward accuracy (log-odds w > l)", "{:.3f}"),
-    ("log_odds_ratio", "mean log-odds ratio", "{:+.4f}"),
-    ("reward_margin", "mean reward margin beta * (logp_w - logp_l)", "{:+.5f}"),
-    ("nll", "chosen NLL", "{:.4f}"),
-    ("or_loss", "odds-ratio loss L_OR", "{:.4f}"),
-    ("loss", "ORPO loss", "{:.4f}"),
-)
 # The config fields that decide what is evaluated and how; the rest of a run's config is ignored.
 EVAL_FIELDS = (
     "model", "data", "data_split", "prompt_field", "chosen_field", "rejected_field", "strict",
     "eval_fraction", "eval_max_pairs", "max_length", "max_prompt_length", "beta", "nll_over_prompt",
     "quant", "compute_dtype", "device", "logits_chunk_size", "eval_batch_size", "pad_to_multiple_of",
+    "health_prompts", "health_max_new_tokens",
 )
 
 
 def evaluate_base_and_adapter(
     model: nn.Module, pairs: Sequence[TokenizedPair], beta: float, pad_token_id: int, **settings: Any
-) -> dict[str, dict[str, float] | None]:
-    """``{"base": metrics, "adapter": metrics}`` of :func:`evaluate_pairs` on the same pairs.
+) -> dict[str, Any]:
+    """``{"base", "adapter", "change"}``: :func:`summarise` of each on the same pairs, and :func:`compare_scores`.
 
-    ``settings`` are :func:`evaluate_pairs`' keyword arguments (device, batch size, ...). For a
+    ``settings`` are :func:`score_pairs`' keyword arguments (device, batch size, ...). For a
     peft model the base is the same model inside ``disable_adapter()``, so it is loaded once;
-    for a plain model ``"adapter"`` is None.
+    for a plain model ``"adapter"`` and ``"change"`` are None.
     """
     if not hasattr(model, "disable_adapter"):
-        return {"base": evaluate_pairs(model, pairs, beta, pad_token_id, **settings), "adapter": None}
+        scores = score_pairs(model, pairs, pad_token_id, **settings)
+        return {"base": summarise_scores(scores, beta), "adapter": None, "change": None}
     with model.disable_adapter():
-        base = evaluate_pairs(model, pairs, beta, pad_token_id, **settings)
-    return {"base": base, "adapter": evaluate_pairs(model, pairs, beta, pad_token_id, **settings)}
+        base = score_pairs(model, pairs, pad_token_id, **settings)
+    adapter = score_pairs(model, pairs, pad_token_id, **settings)
+    return {"base": summarise_scores(base, beta), "adapter": summarise_scores(adapter, beta),
+            "change": compare_scores(base, adapter, beta)}
 
 
 def load_base_for_evaluation(cfg: OrpoConfig):
@@ -150,8 +232,8 @@ def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: 
     return load_adapter(model, tokenizer, adapter_dir, force=force)
 
 
-def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any]]:
-    """The pairs ``train.run`` evaluates on, tokenised; plus a description of where they came from."""
+def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any], list[Any]]:
+    """The pairs ``train.run`` evaluates on, tokenised; a description of where they came from; the untokenised held-out pairs."""
     from .data import load_from_config, split_holdout
     from .templating import tokenize_pairs
 
@@ -167,53 +249,42 @@ def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict
     return tokenized, {
         "data": data.source, "held_out": len(held), "evaluated": len(tokenized),
         "dropped": len(stats.dropped_rows), "truncated": stats.truncated,
-    }
+    }, held
 
 
 def run_evaluation(
     cfg: OrpoConfig, adapter: str | Path | None = None, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Load once, evaluate the base and (with ``adapter``) base + adapter on the held-out pairs.
+    """Load once, evaluate the base and (with ``adapter``) base + adapter on every held-out pair.
 
-    Returns ``{"settings", "pairs", "base", "adapter"}``; ``adapter`` is None without one.
+    Returns ``{"settings", "pairs", "base", "adapter", "change", "health"}``; ``adapter`` and
+    ``change`` are None without an adapter, ``health`` (``health.health_side_by_side``, or the
+    base's alone) is None when ``cfg.health_prompts`` is 0.
     """
+    from .health import generation_health, health_side_by_side, select_prompts
+
     model, tokenizer, device = load_base_for_evaluation(cfg)
     if adapter is not None:
         model = attach_adapter(model, tokenizer, adapter, force=force)
         model.eval()
-    pairs, where = heldout_pairs(cfg, tokenizer)
+    pairs, where, held = heldout_pairs(cfg, tokenizer)
     results = evaluate_base_and_adapter(
         model, pairs, cfg.beta, tokenizer.pad_token_id, device=device, batch_size=cfg.eval_batch_size,
         chunk_size=cfg.logits_chunk_size, nll_over_prompt=cfg.nll_over_prompt, progress=progress,
         pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
+    health = None
+    if cfg.health_prompts:
+        prompts = select_prompts(held, tokenizer, cfg.health_prompts, cfg.max_prompt_length)
+        if adapter is not None:
+            health = health_side_by_side(model, tokenizer, prompts, cfg.health_max_new_tokens, cfg.eval_batch_size)
+        else:
+            base = generation_health(model, tokenizer, prompts, cfg.health_max_new_tokens, cfg.eval_batch_size)
+            health = {"base": base.to_dict(), "adapter": None, "max_new_tokens": cfg.health_max_new_tokens}
     settings = {name: getattr(cfg, name) for name in EVAL_FIELDS if hasattr(cfg, name)}
     settings["adapter"] = str(adapter) if adapter is not None else None
     settings["device"] = str(device)
-    return {"settings": settings, "pairs": where, **results}
-
-
-def markdown_report(result: dict[str, Any]) -> str:
-    """The result of :func:`run_evaluation` as a short heading line and a markdown table."""
-    settings, pairs = result["settings"], result["pairs"]
-    base, adapter = result["base"], result.get("adapter")
-    lines = [
-        f"Held-out evaluation: {pairs['evaluated']} pairs (of {pairs['held_out']} held out at eval_fraction "
-        f"{settings['eval_fraction']} from {pairs['data']}), max_length {settings['max_length']}, "
-        f"beta {settings['beta']}, NLL over {'prompt + response' if settings['nll_over_prompt'] else 'response'}, "
-        f"{'unquantised' if settings['quant'] == 'none' else settings['quant']} base.",
-        "",
-    ]
-    if adapter is None:
-        lines += ["| metric | base |", "|---|---:|"]
-        lines += [f"| {label} | {fmt.format(base[key])} |" for key, label, fmt in TABLE_ROWS]
-    else:
-        lines += ["| metric | base | base + adapter | change |", "|---|---:|---:|---:|"]
-        for key, label, fmt in TABLE_ROWS:
-            signed = fmt if "+" in fmt else fmt.replace("{:", "{:+", 1)  # the metric's format, with a sign
-            change = signed.format(adapter[key] - base[key])
-            lines.append(f"| {label} | {fmt.format(base[key])} | {fmt.format(adapter[key])} | {change} |")
-    return "\n".join(lines)
+    return {"settings": settings, "pairs": where, **results, "health": health}
 
 
 def resolve_eval_config(
@@ -248,8 +319,9 @@ def _adapter_training_config(adapter: Path) -> dict[str, Any]:
         values = dict(training) if isinstance(training, dict) else {}
     elif (adapter.parent / "config.yaml").is_file():
         values = OrpoConfig.read_file(adapter.parent / "config.yaml")
-    # The device is this machine's business, not the training machine's.
-    return {k: v for k, v in values.items() if k in EVAL_FIELDS and k != "device"}
+    # The device is this machine's business, not the training machine's; and every held-out
+    # pair is evaluated unless --max-pairs says otherwise (older runs capped theirs at 64).
+    return {k: v for k, v in values.items() if k in EVAL_FIELDS and k not in ("device", "eval_max_pairs")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--config", default=None, help="YAML/JSON config file (e.g. a run's config.yaml); flags override it")
     add("--data", dest="data", help="preference data (as finetune.py --data)")
     add("--eval-fraction", dest="eval_fraction", type=float, help="share held out, as in training")
-    add("--max-pairs", "--eval-max-pairs", dest="eval_max_pairs", type=int, help="evaluate at most N pairs (0 = all)")
+    add("--max-pairs", "--eval-max-pairs", dest="eval_max_pairs", type=int,
+        help="evaluate at most N pairs (default: every held-out pair, whatever the run capped)")
     add("--max-length", dest="max_length", type=int, help="max tokens of prompt + response")
     add("--max-prompt-length", dest="max_prompt_length", type=int, help="max prompt tokens")
     add("--beta", dest="beta", type=float, help="beta of the loss and of the reward margin")
@@ -281,10 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--force", action="store_true", default=False, help="load the adapter even if the base's fingerprint differs")
     add("--json", dest="json_out", default=None, help="write the results as JSON to this file ('-' for stdout)")
     add("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
+    # Generation health (health.py): greedy replies to held-out prompts, base vs adapter.
+    add("--health-prompts", dest="health_prompts", type=int, help="held-out prompts for generation health (0 = none)")
+    add("--max-new-tokens", dest="health_max_new_tokens", type=int, help="longest greedy reply for generation health")
+    add("--show-replies", dest="show_replies", type=int, default=3, help="replies shown side by side in the report")
+    add("--markdown", dest="markdown_out", default=None, help="also write the markdown report to this file")
     return parser
 
 
-ACTION_ARGS = ("adapter", "config", "force", "json_out", "progress")
+ACTION_ARGS = ("adapter", "config", "force", "json_out", "progress", "show_replies", "markdown_out")
 
 
 @command
@@ -300,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if info.card is not None:
             cfg.model = resolve_base(info)  # the card's base: the path trained from, else its name
     result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"])
-    table = markdown_report(result)
+    table = markdown_report(result, actions["show_replies"])
+    if actions["markdown_out"]:
+        Path(actions["markdown_out"]).write_text(table + "\n")
     text = json.dumps(result, indent=2)
     if actions["json_out"] == "-":
         print(table, file=sys.stderr)

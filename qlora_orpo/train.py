@@ -24,8 +24,8 @@ from .collate import TokenizedPair, collate_pairs
 from .config import OrpoConfig
 from .data import load_from_config, split_holdout
 from .errors import TrainingError, UserError
-from .evaluate import evaluate_pairs
 from .memory import apply_cpu_allocator_policy, format_memory, peak_memory, reset_peak_memory
+from .run_eval import RunEvaluator
 from .step import OrpoStep
 from .templating import tokenize_pairs
 
@@ -164,20 +164,10 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
     )
 
-    def evaluate(tag: str) -> dict[str, float] | None:
-        if not eval_tok:
-            return None
-        result = evaluate_pairs(
-            model, eval_tok, cfg.beta, tokenizer.pad_token_id, device, cfg.eval_batch_size,
-            cfg.logits_chunk_size, cfg.nll_over_prompt, pad_to_multiple_of=cfg.pad_to_multiple_of,
-        )
-        metrics_log.write({"step": state.step, "split": "eval", "tag": tag, **result})
-        log(f"eval ({tag}, step {state.step}, {result['pairs']} pairs): reward accuracy "
-            f"{result['reward_accuracy']:.3f}, margin {result['reward_margin']:+.4f}, "
-            f"log-odds ratio {result['log_odds_ratio']:+.3f}, nll {result['nll']:.3f}")
-        return result
-
-    before = evaluate("before") if state.step == 0 else None
+    # Before/periodic/after evaluations, health checks and best-checkpoint selection: run_eval.py.
+    evaluator = RunEvaluator(model, tokenizer, cfg, eval_tok, eval_pairs, device, run_dir, metrics_log, log,
+                             source=str(data.source), resumed_step=state.step)
+    before = evaluator.before(state.step) if state.step == 0 else None
     batches = micro_batches(
         train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id, cfg.pad_to_multiple_of
     )
@@ -236,7 +226,7 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
                 )
                 window_tokens, window_start = 0, time.perf_counter()
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                evaluate("periodic")
+                evaluator.periodic(state.step)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                 save_checkpoint(run_dir, model, optimizer, scheduler, state)
             if on_step_end is not None:
@@ -250,8 +240,8 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     bar.close()
 
     save_checkpoint(run_dir, model, optimizer, scheduler, state)
-    after = evaluate("after")
-    adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after)
+    after, evaluation = evaluator.finish(state.step)
+    adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after, evaluation)
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "adapter": str(adapter_dir),
         "trainable_params": info.trainable_params, "total_params": info.total_params,
@@ -290,8 +280,10 @@ def step_chooser(cfg: OrpoConfig, model, device: torch.device):
     )
 
 
-def save_final_adapter(model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None) -> Path:
-    """The final adapter in peft format (with a card when ``adapters.py`` is available)."""
+def save_final_adapter(
+    model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None, evaluation: dict | None = None
+) -> Path:
+    """The final adapter in peft format (with a card carrying the evaluation when ``adapters.py`` is available)."""
     adapter_dir = run_dir / "adapter"
     try:
         from .adapters import save_adapter
@@ -299,7 +291,7 @@ def save_final_adapter(model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, m
         model.save_pretrained(adapter_dir, safe_serialization=True)
         tokenizer.save_pretrained(adapter_dir)
         return adapter_dir
-    return save_adapter(model, tokenizer, cfg, adapter_dir, data=data, metrics=metrics)
+    return save_adapter(model, tokenizer, cfg, adapter_dir, data=data, metrics=metrics, evaluation=evaluation)
 
 
 def _write_plots(run_dir: Path) -> None:

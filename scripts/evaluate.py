@@ -1,8 +1,9 @@
-"""Held-out reward accuracy, log-odds ratio, reward margin and chosen NLL: base vs base + adapter.
+"""Base vs base + adapter on every held-out pair (with intervals) and generation health on held-out prompts.
 
     python scripts/evaluate.py --adapter runs/<name>/adapter            # settings from the adapter's card
     python scripts/evaluate.py --model embedded --max-pairs 32          # the base alone
-    python scripts/evaluate.py --adapter runs/<name>/adapter --json eval.json
+    python scripts/evaluate.py --adapter runs/<name>/adapter --json eval.json --markdown eval.md
+    python scripts/evaluate.py --adapter runs/<name>/adapter --health-prompts 40 --max-new-tokens 256
 """
 
 import sys

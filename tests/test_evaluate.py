@@ -21,6 +21,7 @@ from qlora_orpo.evaluate import (
     resolve_eval_config,
 )
 from qlora_orpo.loss import log_odds, sequence_logps
+from qlora_orpo.stats import wilson_interval
 from qlora_orpo.train import run
 
 VOCAB = 97
@@ -54,9 +55,14 @@ def direct_metrics(model, pairs: list[TokenizedPair], beta: float, nll_over_prom
     chosen, rejected, nll = torch.cat(chosen), torch.cat(rejected), torch.cat(nll)
     ratio = log_odds(chosen) - log_odds(rejected)
     or_loss = -torch.nn.functional.logsigmoid(ratio).mean()
+    low, high = wilson_interval(int((ratio > 0).sum()), len(pairs))  # checked against the formula in test_stats
     return {
         "pairs": len(pairs),
         "reward_accuracy": (ratio > 0).double().mean().item(),
+        "reward_accuracy_low": low,
+        "reward_accuracy_high": high,
+        "chosen_logp": chosen.mean().item(),
+        "rejected_logp": rejected.mean().item(),
         "log_odds_ratio": ratio.mean().item(),
         "reward_margin": (beta * (chosen - rejected)).mean().item(),
         "nll": nll.mean().item(),
@@ -129,7 +135,7 @@ def trained_run(tmp_path):
         model=str(model_dir), data=str(data), output_dir=str(tmp_path / "runs"), run_name="t", quant="none",
         compute_dtype="float32", device="cpu", max_steps=4, batch_size=2, grad_accum=1, max_length=48,
         max_prompt_length=24, lora_r=4, lora_alpha=8, learning_rate=1e-2, eval_fraction=0.25, eval_max_pairs=6,
-        save_every=0, logits_chunk_size=8, beta=0.3,
+        save_every=0, logits_chunk_size=8, beta=0.3, health_prompts=4, health_max_new_tokens=8,
     )
     run(cfg)
     return tmp_path / "runs" / "t"
@@ -137,19 +143,42 @@ def trained_run(tmp_path):
 
 def test_script_reproduces_the_runs_before_and_after_evaluations(trained_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["--adapter", str(trained_run / "adapter"), "--json", str(out), "--no-progress"]) == 0
+    assert main(["--adapter", str(trained_run / "adapter"), "--max-pairs", "6", "--json", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     records = {r["tag"]: r for r in read_metrics(trained_run / "metrics.jsonl") if r["split"] == "eval"}
     # Settings came from the adapter's card: the same held-out pairs, lengths, beta and base.
     assert result["settings"]["beta"] == 0.3 and result["settings"]["max_length"] == 48
     assert result["pairs"]["evaluated"] == records["after"]["pairs"] == 6
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "split", "tag")}  # noqa: E731
+    keep = set(result["base"])
+    strip = lambda r: {k: v for k, v in r.items() if k in keep}  # noqa: E731  (no step, tag, health_*)
     # "before" was the base with a fresh (identity) adapter; "after" the trained adapter.
     assert_metrics_close(result["base"], strip(records["before"]))
     assert_metrics_close(result["adapter"], strip(records["after"]))
+    # The run's own health figures (greedy, same prompts) are reproduced too.
+    for side, tag in (("base", "before"), ("adapter", "after")):
+        for key, value in result["health"][side]["metrics"].items():
+            assert records[tag][f"health_{key}"] == pytest.approx(value), (side, key)
     table = capsys.readouterr().out
-    assert "| metric | base | base + adapter | change |" in table
-    assert "reward accuracy" in table and "chosen NLL" in table
+    assert "| metric | base | base + adapter | change [95% CI] |" in table
+    assert "reward accuracy" in table and "chosen NLL" in table and "seq-rep-4" in table
+    assert "**Prompt 1:**" in table  # replies side by side
+
+
+def test_script_evaluates_every_held_out_pair_whatever_the_run_capped(trained_run, tmp_path, capsys):
+    out = tmp_path / "all.md"
+    assert main(["--adapter", str(trained_run / "adapter"), "--json", "-", "--no-progress", "--health-prompts", "2",
+                 "--show-replies", "1", "--markdown", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pairs"]["evaluated"] == result["pairs"]["held_out"] > 6  # the run capped its own at 6
+    assert result["health"]["base"]["metrics"]["prompts"] == 2
+    change = result["change"]
+    acc = change["reward_accuracy"]
+    assert acc["change"] == pytest.approx(result["adapter"]["reward_accuracy"] - result["base"]["reward_accuracy"])
+    assert acc["low"] <= acc["change"] <= acc["high"]
+    n = result["pairs"]["evaluated"]
+    assert acc["change"] == pytest.approx((change["gained"] - change["lost"]) / n)
+    text = out.read_text()
+    assert "**Prompt 1:**" in text and "**Prompt 2:**" not in text
 
 
 def test_script_flags_override_the_adapters_settings(trained_run, tmp_path, capsys):
@@ -188,3 +217,32 @@ def test_markdown_report_without_adapter():
     text = markdown_report({"settings": settings, "pairs": {"evaluated": 2, "held_out": 9, "data": "x"},
                             "base": metrics, "adapter": None})
     assert "| metric | base |" in text and "| reward accuracy (log-odds w > l) | 0.500 |" in text
+
+
+def test_report_with_adapter_health_and_a_sweep_row():
+    from qlora_orpo.report import sweep_table
+
+    base = {"pairs": 100, "reward_accuracy": 0.5, "reward_accuracy_low": 0.4, "reward_accuracy_high": 0.6,
+            "log_odds_ratio": 0.0, "reward_margin": 0.0, "chosen_logp": -3.0, "rejected_logp": -3.1,
+            "nll": 3.0, "or_loss": 0.7, "loss": 3.07}
+    adapter = {**base, "reward_accuracy": 0.62, "nll": 2.9}
+    ci = {"change": 0.12, "low": 0.05, "high": 0.19}
+    change = {k: dict(ci) for k in ("reward_accuracy", "log_odds_ratio", "reward_margin", "chosen_logp",
+                                    "rejected_logp", "nll")} | {"gained": 15, "lost": 3}
+    change["nll"] = {"change": -0.1, "low": -0.15, "high": -0.05}
+    side = {"metrics": {"prompts": 2, "ended_rate": 0.5, "seq_rep_4": 0.1, "distinct_2": 0.8, "mean_length": 20.0},
+            "prompts": ["hi | there", "b"], "replies": [{"ids": [1, 2], "ended": True, "text": "ok"},
+                                                      {"ids": [3], "ended": False, "text": ""}]}
+    health = {"base": side, "adapter": side, "max_new_tokens": 64, "gate": {"passes": True, "why": "healthy"},
+              "change": {"ended_rate": 0.0, "seq_rep_4": 0.0, "distinct_2": 0.0, "mean_length": 0.0,
+                         "median_length_ratio": 1.0}}
+    settings = {"eval_fraction": 0.1, "max_length": 512, "beta": 0.25, "nll_over_prompt": False, "quant": "nf4"}
+    result = {"settings": settings, "pairs": {"evaluated": 100, "held_out": 100, "data": "x"}, "base": base,
+              "adapter": adapter, "change": change, "health": health, "selected_step": 80}
+    text = markdown_report(result, show_replies=1)
+    assert "| reward accuracy (log-odds w > l) | 0.500 [0.400, 0.600] | 0.620 [0.400, 0.600] | +0.120 [+0.050, +0.190] |" in text
+    assert "15 pairs turned right, 3 turned wrong" in text
+    assert "| seq-rep-4 (mean per reply) | 0.100 | 0.100 | +0.000 |" in text and "passes" in text
+    assert "**Prompt 1:** hi | there" in text and "**Prompt 2:**" not in text
+    row = sweep_table([("r1", {"learning_rate": 2e-4, "beta": 0.25}, result, 12.5)]).splitlines()[-1]
+    assert row.startswith("| r1 | 0.0002 | 0.25 |") and "| 12.5 | 80 | 0.500 -> 0.620 | +0.120 [+0.050, +0.190] |" in row
