@@ -1,4 +1,4 @@
-"""Held-out reward accuracy, log-odds ratio, reward margin and chosen NLL: base vs base + adapter.
+"""``qlora-orpo eval``: held-out reward accuracy, log-odds ratio, reward margin and chosen NLL: base vs base + adapter.
 
     python scripts/evaluate.py --adapter runs/<name>/adapter            # settings from the adapter's card
     python scripts/evaluate.py --model embedded --max-pairs 32          # the base alone
@@ -7,7 +7,7 @@
 
 import sys
 
-from qlora_orpo.evaluate import main
+from qlora_orpo.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

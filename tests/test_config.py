@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from qlora_orpo.cli import build_parser, parse_args
+from qlora_orpo.cli.train import build_parser, parse_args
 from qlora_orpo.config import OrpoConfig
 from qlora_orpo.errors import ConfigError
 
