@@ -84,6 +84,19 @@ def test_hub_ids_go_through_hf_hub_download(llama3_dir, monkeypatch):
         P.read_model_config(str(llama3_dir.parent))
 
 
+def test_plan_against_the_kept_benchmark_json():
+    """The rows of docs/bench_plan_split_trim.json (a `bench --methods split --allocator trim` run)."""
+    rows = json.loads((Path(__file__).resolve().parents[1] / "docs" / "bench_plan_split_trim.json").read_text())["rows"]
+    config = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}  # SmolLM2-135M
+    shape = P.model_shape(config, "SmolLM2-135M")
+    assert [r["max_length"] for r in rows] == [512, 1024, 2048]
+    for row in rows:
+        predicted = P.predict(shape, row["max_length"], 1, variant="float32", chunk_size=64)
+        assert predicted.floor.step_bytes / P.MIB == pytest.approx(row["floor_step_mib"], rel=1e-6)
+        assert predicted.step_bytes / P.MIB == pytest.approx(row["peak_above_baseline_mib"], rel=0.30)
+
+
 @pytest.mark.integration
 def test_plan_predicts_the_benchmark_within_30_percent_at_512_tokens():
     """One benchmark worker (split, 512 tokens, the embedded model, the benchmark's default allocator) against plan."""
