@@ -13,7 +13,6 @@ matches). Decoding is greedy unless ``--sample``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
-from .errors import UserError, command
+from .errors import UserError
+from .metrics import console_logger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,8 +45,7 @@ class GenerationSettings:
             raise UserError(f"top_p: {self.top_p} must be in (0, 1]")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+log = console_logger()
 
 
 def load_for_chat(
@@ -173,58 +172,3 @@ def chat(
             print(record["reply"] + "\n", file=out, flush=True)
         results.append(record)
     return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (scripts/chat.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chat.py",
-        description="Generate replies with the chat template from an adapter on its base, or from a model "
-                    "directory. Prompts come from --prompt, else one per line of stdin until EOF.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--adapter", help="Adapter directory; its card names the base, whose fingerprint is checked.")
-    which.add_argument("--model", help="Model directory (e.g. a merged export), 'embedded' or a hub id.")
-    parser.add_argument("--base", help="With --adapter: the base to load instead of the card's.")
-    parser.add_argument("--force", action="store_true", help="Load the adapter even if the base's fingerprint differs.")
-    parser.add_argument("--compare", action="store_true", help="With --adapter: also print the base's reply.")
-    parser.add_argument("--prompt", action="append", help="A prompt (repeatable). Default: read stdin lines.")
-    parser.add_argument("--system", help="A system message before each prompt.")
-    parser.add_argument("--quant", choices=("none", "nf4"), default="none", help="Load the base float32 or 4-bit.")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest reply in tokens.")
-    parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
-    parser.add_argument("--temperature", type=float, default=None, help="With --sample (default 0.7).")
-    parser.add_argument("--top-p", type=float, default=None, help="With --sample: nucleus mass (default 0.9).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for --sample.")
-    return parser
-
-
-@command
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.sample and (args.temperature is not None or args.top_p is not None):
-        parser.error("--temperature and --top-p apply only with --sample")
-    if args.model and (args.base or args.compare):
-        parser.error("--base and --compare apply only with --adapter")
-    defaults = GenerationSettings()
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        sample=args.sample,
-        temperature=args.temperature if args.temperature is not None else defaults.temperature,
-        top_p=args.top_p if args.top_p is not None else defaults.top_p,
-    )
-    model, tokenizer = load_for_chat(
-        args.adapter, args.model, base=args.base, quant=args.quant, device=args.device, force=args.force
-    )
-    torch.manual_seed(args.seed)
-    prompts = args.prompt or read_prompts(sys.stdin, interactive=sys.stdin.isatty())
-    chat(model, tokenizer, prompts, settings, system=args.system, compare=args.compare)
-    return 0

@@ -9,10 +9,17 @@ Layout of ``runs/<name>/``::
       latest               the name of the newest complete checkpoint
     adapter/               the final adapter
 
-A checkpoint is written into ``step-N.tmp/`` and renamed into place only when complete;
-``latest`` is then replaced atomically. A crash or a full disk mid-write leaves at worst a
-``.tmp`` directory, never a half checkpoint named as the latest, and earlier checkpoints
-stay until a newer one is complete.
+A checkpoint is written into ``step-N.tmp/``, every file and directory in it fsynced, and
+renamed into place only when complete; ``latest`` is then replaced atomically. A crash or a
+full disk mid-write leaves at worst a ``.tmp`` directory, never a half checkpoint named as the
+latest, and earlier checkpoints stay until a newer one is complete. Replacing a checkpoint of
+the same step (an interrupt right after a periodic save) moves the old one to ``step-N.old``
+first and deletes it only after the new one is in place; :func:`latest_checkpoint` falls back
+to ``step-N.old`` if a crash fell between the two renames.
+
+``state.json`` records the train state (completed optimizer steps, the micro-batches those
+steps consumed, tokens, and the fingerprint of the training data) with the optimizer's
+scalars, the scheduler and the RNG state of the last completed step's end.
 """
 
 from __future__ import annotations
@@ -29,8 +36,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import TrainingError
+from .metrics import read_metrics  # noqa: F401  (its old home; tests and scripts import it from here)
 
-KEEP_CHECKPOINTS = 2
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a file's fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (before it is renamed into place)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(directory))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -41,15 +65,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
+    fsync_dir(path.parent)
 
 
 @dataclass
 class TrainState:
-    """Where training stands: completed optimizer steps and micro-batches consumed."""
+    """Where training stands, counting only completed optimizer steps.
+
+    ``micro_batches`` and ``tokens`` grow when an optimizer step completes, never per
+    micro-batch: an interrupt mid-accumulation must not skip data whose gradients never
+    reached the weights. ``data_fingerprint`` identifies the tokenized training pairs.
+    """
 
     step: int = 0
     micro_batches: int = 0
     tokens: int = 0
+    data_fingerprint: str = ""
 
 
 # -- optimizer state <-> safetensors + JSON ---------------------------------------------------
@@ -99,6 +130,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 # -- RNG ----------------------------------------------------------------------------------------
 
+@dataclass
+class RngSnapshot:
+    """The RNG state at one moment (a step's end), saved with the checkpoint of that step."""
+
+    tensors: dict[str, torch.Tensor]
+    python: list
+
+    @classmethod
+    def capture(cls) -> RngSnapshot:
+        return cls(_rng_tensors(), list(random.getstate()))
+
+
 def _rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -128,7 +171,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = checkpoint_dir(run_dir) / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    if (path / "state.json").is_file():
+        return path
+    old = path.with_name(path.name + ".old")  # a crash between the two renames of a same-step replacement
+    return old if (old / "state.json").is_file() else None
 
 
 def save_checkpoint(
@@ -137,48 +183,57 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
+    keep: int = 2,
+    rng: RngSnapshot | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``state.step`` and point ``latest`` at it.
+    """Write a complete checkpoint for ``state.step``, point ``latest`` at it, keep the newest ``keep``.
 
-    Raises :class:`TrainingError` (naming the last good checkpoint) if the write fails,
-    for example on a full disk; the partial directory is removed.
+    ``rng`` is the RNG state to restore on resume (default: now); an interrupted step passes
+    the snapshot of the last completed step's end. Raises :class:`TrainingError` (naming the
+    last good checkpoint) if the write fails, for example on a full disk; the partial
+    directory is removed.
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:06d}"
-    final, tmp = root / name, root / (name + ".tmp")
+    final, tmp, old = root / name, root / (name + ".tmp"), root / (name + ".old")
+    rng = rng or RngSnapshot.capture()
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        save_file(rng.tensors, str(tmp / "rng.safetensors"))
         payload = {
             "train_state": vars(state),
             "optimizer": meta,
             "scheduler": scheduler.state_dict(),
-            "python_random": list(random.getstate()),
+            "python_random": rng.python,
         }
         atomic_write_text(tmp / "state.json", json.dumps(payload))
-        if final.exists():
-            shutil.rmtree(final)
+        fsync_tree(tmp)
+        if final.exists():  # same step again: the old copy goes only once the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
+        fsync_dir(root)
         atomic_write_text(root / "latest", name + "\n")
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the last good checkpoint is {previous}" if previous else "no earlier checkpoint exists"
         raise TrainingError(f"could not save the checkpoint for step {state.step} ({exc.strerror or exc}); {kept}") from exc
-    _prune(root, keep=final)
+    _prune(root, keep_path=final, limit=keep)
     return final
 
 
-def _prune(root: Path, keep: Path) -> None:
-    """Keep the newest ``KEEP_CHECKPOINTS`` complete checkpoints."""
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in complete[:-KEEP_CHECKPOINTS]:
-        if old != keep:
+def _prune(root: Path, keep_path: Path, limit: int) -> None:
+    """Keep the newest ``limit`` complete checkpoints (and always ``keep_path``, the one just written)."""
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and "." not in p.name)
+    for old in complete[: -max(1, limit)]:
+        if old != keep_path:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -206,25 +261,3 @@ def load_checkpoint(
     scheduler.load_state_dict(payload["scheduler"])
     _restore_rng(rng, payload["python_random"])
     return TrainState(**payload["train_state"])
-
-
-class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``, flushed at once (nothing lost on a crash)."""
-
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
-        self.path = Path(path)
-        if truncate_after_step is not None and self.path.exists():
-            # A resumed run replays the steps after its checkpoint: drop their old records.
-            kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
-            ]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

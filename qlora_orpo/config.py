@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .config_aliases import normalise_keys
 from .errors import ConfigError
 
 EMBEDDED = "embedded"
@@ -57,7 +58,12 @@ class OrpoConfig:
     eval_max_pairs: int = _f(0, "At most this many held-out pairs are evaluated (0 = all).")
     # --- sequence lengths ------------------------------------------------------------------
     max_length: int = _f(512, "Maximum tokens of prompt + response; the response is truncated to fit.")
-    max_prompt_length: int = _f(256, "Maximum prompt tokens; longer prompts lose their oldest tokens.")
+    max_prompt_length: int = _f(
+        0,
+        "Maximum prompt tokens; longer prompts lose their oldest tokens. 0 (unset) means half of max_length, "
+        "so that setting max_length alone always leaves room for the response; the run's config.yaml "
+        "records the resolved value.",
+    )
     # --- output ---------------------------------------------------------------------------
     output_dir: str = _f("runs", "Directory that holds one sub-directory per run.")
     run_name: str = _f("", "Name of the run directory; empty means a timestamp.")
@@ -134,6 +140,12 @@ class OrpoConfig:
     log_every: int = _f(1, "Optimizer steps between metric log lines.")
     eval_every: int = _f(0, "Optimizer steps between evaluations (0 = only before and after training).")
     save_every: int = _f(10, "Optimizer steps between checkpoints (0 = only at the end).")
+    save_total_limit: int = _f(2, "Checkpoints kept in the run's checkpoints/ (the newest ones).")
+    report_to: str = _f(
+        "none",
+        "Where metrics go besides metrics.jsonl (always written): 'none', 'tensorboard' (event files in "
+        "<run>/tensorboard/), 'wandb' (when installed; offline without WANDB_API_KEY), or a comma list.",
+    )
     eval_batch_size: int = _f(4, "Pairs per evaluation batch.")
     export: str = _f(
         "none",
@@ -162,6 +174,8 @@ class OrpoConfig:
             self.lora_targets = ",".join(str(t) for t in self.lora_targets)
         if isinstance(self.export, bool) or str(self.export).lower() in ("true", "false"):  # export was a bool
             self.export = "merged" if str(self.export).lower() == "true" else "none"
+        if isinstance(self.report_to, list | tuple):
+            self.report_to = ",".join(str(t) for t in self.report_to) or "none"
         self._coerce_types()
         self._check_range("beta", self.beta, 0.0, math.inf, low_open=False)
         self._check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
@@ -171,12 +185,14 @@ class OrpoConfig:
         self._check_range("eval_fraction", self.eval_fraction, 0.0, 0.9)
         self._check_range("lora_dropout", self.lora_dropout, 0.0, 0.9)
         self._check_range("epochs", self.epochs, 0.0, 1e6, low_open=True)
-        for name in ("max_steps", "eval_max_pairs", "eval_every", "save_every", "memory_budget_mib"):
+        for name in ("max_steps", "eval_max_pairs", "eval_every", "save_every", "memory_budget_mib", "max_prompt_length"):
             self._check_int(name, 0)
-        for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "log_every", "eval_batch_size", "pad_to_multiple_of"):
+        for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "log_every", "eval_batch_size",
+                     "pad_to_multiple_of", "save_total_limit"):
             self._check_int(name, 1)
         self._check_int("max_length", 2)
-        self._check_int("max_prompt_length", 1)
+        if self.max_prompt_length == 0:  # unset: follows max_length, so --max-length 256 alone is valid
+            self.max_prompt_length = self.max_length // 2
         self._check_int("logits_chunk_size", 1)
         self._check_int("health_prompts", 0)
         self._check_int("health_max_new_tokens", 1)
@@ -193,6 +209,9 @@ class OrpoConfig:
                 raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        from .metrics import parse_report_to
+
+        self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         if not self.lora_targets.strip():
             raise ConfigError("lora_targets: must be 'all-linear' or a comma-separated list of module names")
 
@@ -258,11 +277,7 @@ class OrpoConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> OrpoConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = [k for k in values if k not in known and k.replace("-", "_") not in known]
-        if unknown:
-            raise ConfigError(f"{source}: unknown config key {unknown[0]!r}{_suggest(unknown[0], known)}")
-        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+        return cls(**normalise_keys(values, {f.name for f in fields(cls)}, source))
 
     @classmethod
     def read_file(cls, path: str | Path) -> dict[str, Any]:
@@ -283,11 +298,7 @@ class OrpoConfig:
         values = values or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if str(key).replace("-", "_") not in known:
-                raise ConfigError(f"{path}: unknown config key {key!r}{_suggest(str(key), known)}")
-        return {str(k).replace("-", "_"): v for k, v in values.items()}
+        return normalise_keys(values, {f.name for f in fields(cls)}, str(path))
 
     @classmethod
     def from_file(cls, path: str | Path) -> OrpoConfig:
@@ -296,10 +307,3 @@ class OrpoConfig:
             return cls(**values)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-
-
-def _suggest(key: str, known: set[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

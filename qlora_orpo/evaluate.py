@@ -20,9 +20,6 @@ The base is loaded once: its numbers come from the same model with the adapter s
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .collate import TokenizedPair, collate_pairs
 from .config import OrpoConfig
-from .errors import UserError, command
+from .errors import UserError
 from .loss import log_odds
 from .report import markdown_report  # noqa: F401  (re-exported: evaluate.markdown_report)
 from .stats import paired_bootstrap, wilson_interval
@@ -323,70 +320,3 @@ def _adapter_training_config(adapter: Path) -> dict[str, Any]:
     # pair is evaluated unless --max-pairs says otherwise (older runs capped theirs at 64).
     return {k: v for k, v in values.items() if k in EVAL_FIELDS and k not in ("device", "eval_max_pairs")}
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py",
-        description="Held-out preference metrics of a base model and base + adapter, side by side. Settings "
-        "default to the adapter's training config (its card), so the held-out split is the one training held out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,
-    )
-    add = parser.add_argument
-    add("--adapter", default=None, help="adapter directory (a run's adapter/); without it only the base is evaluated")
-    add("--model", dest="model", help="base model: 'embedded' or a directory (default: the adapter's base)")
-    add("--config", default=None, help="YAML/JSON config file (e.g. a run's config.yaml); flags override it")
-    add("--data", dest="data", help="preference data (as finetune.py --data)")
-    add("--eval-fraction", dest="eval_fraction", type=float, help="share held out, as in training")
-    add("--max-pairs", "--eval-max-pairs", dest="eval_max_pairs", type=int,
-        help="evaluate at most N pairs (default: every held-out pair, whatever the run capped)")
-    add("--max-length", dest="max_length", type=int, help="max tokens of prompt + response")
-    add("--max-prompt-length", dest="max_prompt_length", type=int, help="max prompt tokens")
-    add("--beta", dest="beta", type=float, help="beta of the loss and of the reward margin")
-    add("--nll-over-prompt", dest="nll_over_prompt", action=argparse.BooleanOptionalAction,
-        help="chosen NLL over prompt + response instead of the response")
-    add("--batch-size", "--eval-batch-size", dest="eval_batch_size", type=int, help="pairs per batch")
-    add("--logits-chunk-size", dest="logits_chunk_size", type=int, help="positions per lm_head chunk")
-    add("--quant", dest="quant", choices=("nf4", "fp4", "none"), help="base quantisation (default: as trained)")
-    add("--compute-dtype", dest="compute_dtype", choices=("auto", "bfloat16", "float16", "float32"))
-    add("--device", dest="device", help="auto, cpu, cuda or cuda:N")
-    add("--force", action="store_true", default=False, help="load the adapter even if the base's fingerprint differs")
-    add("--json", dest="json_out", default=None, help="write the results as JSON to this file ('-' for stdout)")
-    add("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
-    # Generation health (health.py): greedy replies to held-out prompts, base vs adapter.
-    add("--health-prompts", dest="health_prompts", type=int, help="held-out prompts for generation health (0 = none)")
-    add("--max-new-tokens", dest="health_max_new_tokens", type=int, help="longest greedy reply for generation health")
-    add("--show-replies", dest="show_replies", type=int, default=3, help="replies shown side by side in the report")
-    add("--markdown", dest="markdown_out", default=None, help="also write the markdown report to this file")
-    return parser
-
-
-ACTION_ARGS = ("adapter", "config", "force", "json_out", "progress", "show_replies", "markdown_out")
-
-
-@command
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/evaluate.py``: a markdown table on stdout, JSON with ``--json``."""
-    args = vars(build_parser().parse_args(argv))
-    actions = {name: args.pop(name) for name in ACTION_ARGS}
-    cfg = resolve_eval_config(actions["adapter"], actions["config"], args)
-    if actions["adapter"] is not None and "model" not in args:
-        from .adapters import read_adapter, resolve_base
-
-        info = read_adapter(actions["adapter"], require_card=not actions["force"])
-        if info.card is not None:
-            cfg.model = resolve_base(info)  # the card's base: the path trained from, else its name
-    result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"])
-    table = markdown_report(result, actions["show_replies"])
-    if actions["markdown_out"]:
-        Path(actions["markdown_out"]).write_text(table + "\n")
-    text = json.dumps(result, indent=2)
-    if actions["json_out"] == "-":
-        print(table, file=sys.stderr)
-        print(text)
-    else:
-        print(table)
-        if actions["json_out"]:
-            Path(actions["json_out"]).write_text(text + "\n")
-    return 0

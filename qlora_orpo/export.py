@@ -21,7 +21,6 @@ largest absolute logit difference must stay within :func:`tolerance`.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -47,7 +46,8 @@ from .adapters import (
     resolve_base,
 )
 from .checkpoint import atomic_write_text
-from .errors import UserError, command
+from .errors import UserError
+from .metrics import console_logger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -93,8 +93,7 @@ class ExportResult:
         return asdict(self)
 
 
-def log(message: str) -> None:
-    print(f"export: {message}", file=sys.stderr, flush=True)
+log = console_logger("export")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,48 +443,3 @@ def _render_export_card(meta: dict[str, Any]) -> str:
                       f"from base + adapter (unmerged) is {export['max_abs_diff']:.3g} "
                       f"(tolerance {export['tolerance']:.3g})."]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (scripts/export.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="export.py",
-        description="Merge a LoRA adapter into its unquantised base and write a plain transformers directory "
-                    "(--format merged) or one GGUF file with an Ollama Modelfile (--format gguf), verified with "
-                    "plain transformers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--adapter", required=True, help="Adapter directory (a run's adapter/ or adapters/<name>).")
-    parser.add_argument("--out", required=True, help="Output directory (absent, empty, or an earlier export); "
-                        "for gguf a .gguf file name, or a directory that gets model-<quant>.gguf.")
-    parser.add_argument("--format", choices=("merged", "gguf"), default="merged",
-                        help="merged: safetensors directory; gguf: one .gguf file for llama.cpp/LM Studio/Ollama.")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                        help="dtype of the stored weights (merged only).")
-    parser.add_argument("--quant", choices=("f32", "f16", "q8_0"), default="f16",
-                        help="GGUF type of the matrices; norms stay F32 (gguf only).")
-    parser.add_argument("--base", default=None,
-                        help="Base model to merge into (directory, 'embedded' or hub id); default: the card's.")
-    parser.add_argument("--force", action="store_true", help="Merge even if the base's fingerprint differs.")
-    parser.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard, e.g. 500MB.")
-    return parser
-
-
-@command
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.format == "gguf":
-        from .gguf_export import export_gguf
-
-        print(json.dumps(export_gguf(args.adapter, args.out, args.quant, base=args.base, force=args.force).to_dict()))
-        return 0
-    result = export_merged(
-        args.adapter, args.out, args.dtype, base=args.base, force=args.force, max_shard_size=args.max_shard_size
-    )
-    print(json.dumps(result.to_dict()))
-    return 0

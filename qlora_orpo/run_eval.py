@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import MetricsLog, atomic_write_text
+from .checkpoint import atomic_write_text
 from .collate import TokenizedPair
 from .config import OrpoConfig
 from .evaluate import EVAL_FIELDS, PairScores, compare_scores, score_pairs, summarise_scores
 from .health import HealthResult, generation_health, select_prompts, side_by_side
+from .metrics import MetricsLogger
 from .report import markdown_report
 from .selection import BestCheckpoint
 
@@ -32,7 +33,7 @@ class RunEvaluator:
 
     def __init__(
         self, model: torch.nn.Module, tokenizer, cfg: OrpoConfig, eval_tok: Sequence[TokenizedPair],
-        held_out: Sequence[Any], device: torch.device, run_dir: Path, metrics_log: MetricsLog,
+        held_out: Sequence[Any], device: torch.device, run_dir: Path, metrics_log: MetricsLogger,
         log: Callable[[str], None], source: str = "", resumed_step: int = 0,
     ):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
@@ -74,7 +75,7 @@ class RunEvaluator:
     def _record(self, tag: str, step: int, metrics: dict[str, float], health: HealthResult | None,
                 **extra: Any) -> None:
         healthy = {f"health_{k}": v for k, v in health.metrics.items()} if health is not None else {}
-        self.metrics_log.write({"step": step, "split": "eval", "tag": tag, **metrics, **healthy, **extra})
+        self.metrics_log.log({"step": step, "split": "eval", "tag": tag, **metrics, **healthy, **extra})
         line = (f"eval ({tag}, step {step}, {metrics['pairs']} pairs): reward accuracy {metrics['reward_accuracy']:.3f} "
                 f"[{metrics['reward_accuracy_low']:.3f}, {metrics['reward_accuracy_high']:.3f}], margin "
                 f"{metrics['reward_margin']:+.4f}, log-odds ratio {metrics['log_odds_ratio']:+.3f}, "

@@ -7,9 +7,9 @@ points, except one finiteness check per optimizer step so a NaN never reaches th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -17,21 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import RngSnapshot, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .collate import TokenizedPair, collate_pairs
 from .config import OrpoConfig
 from .data import load_from_config, split_holdout
 from .errors import TrainingError, UserError
 from .memory import apply_cpu_allocator_policy, format_memory, peak_memory, reset_peak_memory
+from .metrics import MetricsLogger, console_logger
+from .resume import check_data_fingerprint, data_fingerprint, deferred_interrupt, resume_config
 from .run_eval import RunEvaluator
 from .step import OrpoStep
 from .templating import tokenize_pairs
 
-
-def log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+log = console_logger()
 
 
 def resolve_run_dir(cfg: OrpoConfig, resume: bool) -> Path:
@@ -104,8 +103,24 @@ def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train as ``cfg`` says; returns the summary that is also logged. See ``finetune.py --help``."""
+def given_fields(cfg: OrpoConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that differ from the defaults: what an API caller set, for a resume."""
+    default = OrpoConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def run(
+    cfg: OrpoConfig,
+    resume: bool = False,
+    on_step_end: Callable[[int], None] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns the summary that is also logged. See ``qlora-orpo train --help``.
+
+    With ``resume`` the run's recorded config is used, changed only by ``overrides`` (the
+    values the user set; default: the fields of ``cfg`` that differ from the defaults) in
+    the fields :data:`resume.RESUMABLE_FIELDS` allows.
+    """
     from .model import load_model_for_training, select_device
 
     # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
@@ -116,8 +131,9 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     if resume:
         if checkpoint is None:
             raise UserError(f"--resume: {run_dir} has no complete checkpoint")
-        cfg = OrpoConfig.from_file(run_dir / "config.yaml")  # the run's own config, not today's defaults
-        log(f"resuming {run_dir} from {checkpoint.name}")
+        # The run's own config, not today's defaults; only schedule-independent fields may change.
+        cfg, changes = resume_config(run_dir, given_fields(cfg) if overrides is None else overrides)
+        log(f"resuming {run_dir} from {checkpoint.name}" + (f"; changed {'; '.join(changes)}" if changes else ""))
     elif (run_dir / "checkpoints").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,9 +169,14 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     total_steps = total_optimizer_steps(cfg, len(train_tok))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     state = TrainState()
+    fingerprint = data_fingerprint(train_tok)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if resume else None)
+        check_data_fingerprint(state.data_fingerprint, fingerprint, data.source, checkpoint)
+    state.data_fingerprint = fingerprint
+    metrics_log = MetricsLogger(
+        run_dir, cfg.report_to, resume_step=state.step if resume else None, config=cfg.to_dict()
+    )
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
     chooser = step_chooser(cfg, model, device) if cfg.step == "auto" else None
@@ -173,13 +194,16 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     )
     reset_peak_memory(device)
     model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+    metrics_log.start_progress(total_steps, initial=state.step)
     window_tokens, window_start = 0, time.perf_counter()
     last: dict[str, float] = {}
+    # The RNG at the last completed step's end: what an interrupted step's checkpoint restores.
+    step_end_rng = RngSnapshot.capture()
     try:
         while state.step < total_steps:
             sums: dict[str, torch.Tensor] = {}
             rows: list[int] = []
+            step_tokens = 0
             for _ in range(cfg.grad_accum):
                 out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum)
                 if not torch.isfinite(out.loss):  # one sync per micro-batch: a NaN must not reach the weights
@@ -190,26 +214,15 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
                 rows += out.rows
                 for key, value in {"loss": out.loss, **out.metrics}.items():
                     sums[key] = sums.get(key, 0) + value / cfg.grad_accum
-                state.micro_batches += 1
-                state.tokens += out.num_tokens
-                window_tokens += out.num_tokens
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            # A finite loss can still give a non-finite gradient (the split step's rejected
-            # pass is checked by nothing else): it must never reach the weights. Under float16
-            # loss scaling an overflow is expected, and the scaler skips that step itself.
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                raise TrainingError(
-                    f"non-finite gradient norm ({float(grad_norm)}) at step {state.step + 1}, pair rows {rows} of "
-                    f"{data.source}; the weights were not updated; last good checkpoint: "
-                    f"{latest_checkpoint(run_dir) or 'none'}"
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            bar.update(1)
+                step_tokens += out.num_tokens
+            # From here to the counters the update is all or nothing: Ctrl-C waits for its end.
+            with deferred_interrupt():
+                grad_norm = _update(cfg, state, scaler, optimizer, scheduler, params, rows, data, run_dir)
+                state.micro_batches += cfg.grad_accum  # counted only now that their gradients are in the weights
+                state.tokens += step_tokens
+                step_end_rng = RngSnapshot.capture()
+            window_tokens += step_tokens
+            metrics_log.advance(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 memory = peak_memory(device)
@@ -219,27 +232,27 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
                     "tokens_per_s": window_tokens / elapsed, "seconds_per_step": elapsed / cfg.log_every,
                     "tokens": state.tokens, **memory,
                 }
-                metrics_log.write(last)
-                bar.set_postfix_str(
-                    f"loss {last['loss']:.3f} acc {last['reward_accuracy']:.2f} "
-                    f"{last['tokens_per_s']:.0f} tok/s {format_memory(memory)}"
-                )
+                metrics_log.log(last, postfix=f"loss {last['loss']:.3f} acc {last['reward_accuracy']:.2f} "
+                                    f"{last['tokens_per_s']:.0f} tok/s {format_memory(memory)}")
                 window_tokens, window_start = 0, time.perf_counter()
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
                 evaluator.periodic(state.step)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, state)
+                save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
             if on_step_end is not None:
                 on_step_end(state.step)
     except KeyboardInterrupt:
-        bar.close()
-        path = save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        metrics_log.close_progress()
+        # The state of the last completed step: an unfinished accumulation's micro-batches are
+        # not counted (their gradients never reached the weights) and its RNG draws are undone.
+        path = save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit, rng=step_end_rng)
         log(f"interrupted: saved {path} (step {state.step}); continue with --resume --run-name {run_dir.name}"
             f" --output-dir {cfg.output_dir}")
+        metrics_log.close()  # (other errors leave the sinks as they are: every record is already flushed)
         raise
-    bar.close()
+    metrics_log.close_progress()
 
-    save_checkpoint(run_dir, model, optimizer, scheduler, state)
+    save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
     after, evaluation = evaluator.finish(state.step)
     adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after, evaluation)
     summary = {
@@ -247,7 +260,7 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         "trainable_params": info.trainable_params, "total_params": info.total_params,
         "final_train": last, "eval_before": before, "eval_after": after,
     }
-    metrics_log.write({"step": state.step, "split": "summary", **{k: v for k, v in summary.items() if k != "final_train"}})
+    metrics_log.log({"step": state.step, "split": "summary", **{k: v for k, v in summary.items() if k != "final_train"}})
     describe = f"done: {state.step} steps, {state.tokens} tokens, adapter in {adapter_dir}"
     if before and after:
         describe += (f"; held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
@@ -255,6 +268,7 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     log(describe)
     if chooser is not None:
         log(chooser.describe())
+    metrics_log.close()
     if cfg.export == "merged":
         from .export import export_merged
 
@@ -278,6 +292,27 @@ def step_chooser(cfg: OrpoConfig, model, device: torch.device):
         lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
         activation_bytes=model.get_input_embeddings().weight.element_size(),
     )
+
+
+def _update(cfg, state, scaler, optimizer, scheduler, params, rows, data, run_dir) -> torch.Tensor:
+    """Clip, step the optimizer and the schedule, count the step; returns the gradient norm."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    # A finite loss can still give a non-finite gradient (the split step's rejected
+    # pass is checked by nothing else): it must never reach the weights. Under float16
+    # loss scaling an overflow is expected, and the scaler skips that step itself.
+    if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+        raise TrainingError(
+            f"non-finite gradient norm ({float(grad_norm)}) at step {state.step + 1}, pair rows {rows} of "
+            f"{data.source}; the weights were not updated; last good checkpoint: "
+            f"{latest_checkpoint(run_dir) or 'none'}"
+        )
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return grad_norm
 
 
 def save_final_adapter(

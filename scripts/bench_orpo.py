@@ -8,7 +8,7 @@
 import sys
 from pathlib import Path
 
-from qlora_orpo.bench.cli import main
+from qlora_orpo.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], script=Path(__file__).resolve()))

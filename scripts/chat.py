@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Chat with an adapter on its base, or with a model directory. Flags: ``python scripts/chat.py --help``."""
+"""Chat with an adapter on its base, or with a model directory: ``qlora-orpo chat``. Flags: ``--help``."""
 
 import sys
 
-from qlora_orpo.chat import main
+from qlora_orpo.cli.chat import main
 
 if __name__ == "__main__":
     sys.exit(main())

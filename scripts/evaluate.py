@@ -8,7 +8,7 @@
 
 import sys
 
-from qlora_orpo.evaluate import main
+from qlora_orpo.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

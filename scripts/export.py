@@ -3,7 +3,7 @@
 
 import sys
 
-from qlora_orpo.export import main
+from qlora_orpo.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

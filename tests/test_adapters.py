@@ -328,7 +328,7 @@ def test_resolve_base_prefers_the_recorded_path_then_the_model_spec(adapter, tmp
 
 
 def test_chat_with_adapter_compares_base_and_adapter_replies(adapter, capsys):
-    from qlora_orpo.chat import main
+    from qlora_orpo.cli.chat import main
 
     rc = main(["--adapter", str(adapter[0]), "--prompt", "hello world", "--max-new-tokens", "6",
                "--compare", "--device", "cpu"])
@@ -341,12 +341,13 @@ def test_chat_reads_prompts_from_stdin_until_eof(base_dir, capsys, monkeypatch):
     import io
 
     from qlora_orpo import chat
+    from qlora_orpo.cli.chat import main as chat_main
 
     assert list(chat.read_prompts(io.StringIO("hello\n\n  \nthe quick brown fox"), interactive=False)) == [
         "hello", "the quick brown fox"]
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nthe quick brown fox\n"))
     monkeypatch.setattr(chat, "generate_reply", lambda model, tok, messages, settings: f"echo {messages[-1]['content']}")
-    rc = chat.main(["--model", str(base_dir), "--device", "cpu"])
+    rc = chat_main(["--model", str(base_dir), "--device", "cpu"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert out.out.split() == ["echo", "hello", "echo", "the", "quick", "brown", "fox"]
@@ -378,7 +379,7 @@ def test_sampling_changes_the_reply_with_the_seed(base_dir):
 
 
 def test_chat_adapter_on_wrong_base_is_an_error_unless_forced(adapter, tmp_path, capsys):
-    from qlora_orpo.chat import main
+    from qlora_orpo.cli.chat import main
 
     other = save_base(tmp_path / "other", seed=7)
     argv = ["--adapter", str(adapter[0]), "--base", str(other), "--prompt", "hi", "--max-new-tokens", "2",
@@ -406,7 +407,7 @@ def test_chat_nf4_loads_a_4bit_base_that_passes_the_fingerprint_check(adapter):
     [["--temperature", "0.5"], ["--top-p", "0.5"], ["--compare"], ["--base", "x"]],
 )
 def test_chat_rejects_flags_that_would_do_nothing(base_dir, argv):
-    from qlora_orpo.chat import main
+    from qlora_orpo.cli.chat import main
 
     with pytest.raises(SystemExit) as info:
         main(["--model", str(base_dir), "--prompt", "hi", *argv])

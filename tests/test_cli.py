@@ -10,7 +10,7 @@ import pytest
 from conftest import build_tiny_llama, build_tokenizer
 
 import qlora_orpo
-from qlora_orpo.cli import main
+from qlora_orpo.cli.train import main
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from qlora_orpo.cli import build_parser, parse_args
+from qlora_orpo.cli.train import build_parser, parse_args
 from qlora_orpo.config import OrpoConfig
 from qlora_orpo.errors import ConfigError
 
@@ -108,3 +108,98 @@ def test_unknown_cli_flag_exits_with_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--max-stepz", "3"])
     assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Familiar keys (TRL / transformers, LLaMA-Factory, axolotl) and the prompt-length coupling
+# ---------------------------------------------------------------------------------------------
+
+TRL_YAML = """\
+model_name_or_path: embedded
+per_device_train_batch_size: 2
+per_device_eval_batch_size: 8
+gradient_accumulation_steps: 8
+num_train_epochs: 2
+max_steps: -1
+learning_rate: 5.0e-6
+lr_scheduler_type: constant_with_warmup
+warmup_ratio: 0.05
+logging_steps: 5
+save_steps: 50
+eval_steps: 25
+save_total_limit: 3
+report_to: [tensorboard]
+optim: paged_adamw_8bit
+bf16: true
+gradient_checkpointing: true
+max_length: 1024
+max_prompt_length: 512
+beta: 0.2
+seed: 7
+output_dir: out
+run_name: trl-style
+r: 8
+lora_alpha: 16
+lora_dropout: 0.0
+target_modules: [q_proj, v_proj]
+"""
+
+
+def test_a_trl_style_yaml_is_accepted_with_one_warning_per_alias(tmp_path, capsys):
+    from qlora_orpo import config_aliases
+
+    config_aliases._warned.clear()
+    path = tmp_path / "trl.yaml"
+    path.write_text(TRL_YAML)
+    cfg, _ = parse_args(["--config", str(path), "--seed", "9"])
+    assert (cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps) == (2, 8, 8, 2.0, 0)
+    assert (cfg.lr_scheduler, cfg.log_every, cfg.save_every, cfg.eval_every, cfg.save_total_limit) == (
+        "constant", 5, 50, 25, 3)
+    assert (cfg.report_to, cfg.optim, cfg.compute_dtype) == ("tensorboard", "paged_adamw8bit", "bfloat16")
+    assert (cfg.lora_r, cfg.lora_targets, cfg.learning_rate, cfg.seed) == (8, "q_proj,v_proj", 5e-6, 9)
+    err = capsys.readouterr().err
+    for alias, field in (("per_device_train_batch_size", "batch_size"), ("logging_steps", "log_every"), ("r", "lora_r")):
+        assert f"reading {alias!r} as {field!r}" in err
+    assert "'learning_rate'" not in err  # our own names are not aliases
+    parse_args(["--config", str(path)])
+    assert "reading" not in capsys.readouterr().err  # once per alias per process
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("per_device_train_batch_size: 2\ndo_magic: 1\n", "unknown config key 'do_magic'"),
+        ("batch_size: 2\nper_device_train_batch_size: 4\n", "both set batch_size"),
+        ("lora_rank: 8\noptimizer: adamw_torch\ncutoff_len: 100\nlora_target: all\n", None),
+    ],
+)
+def test_alias_errors_name_the_file_and_key(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    if match is None:  # LLaMA-Factory / axolotl names
+        cfg = OrpoConfig.from_file(path)
+        assert (cfg.lora_r, cfg.optim, cfg.max_length, cfg.max_prompt_length, cfg.lora_targets) == (
+            8, "adamw", 100, 50, "all-linear")
+        return
+    with pytest.raises(ConfigError, match=match) as info:
+        OrpoConfig.from_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_max_prompt_length_follows_max_length_unless_set():
+    assert OrpoConfig().max_prompt_length == OrpoConfig().max_length // 2
+    assert OrpoConfig(max_length=256).max_prompt_length == 128  # --max-length 256 alone is valid
+    assert OrpoConfig(max_length=256, max_prompt_length=200).max_prompt_length == 200  # explicit wins
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        OrpoConfig(max_length=256, max_prompt_length=256)
+    cfg, _ = parse_args(["--max-length", "256"])
+    assert (cfg.max_length, cfg.max_prompt_length) == (256, 128)
+
+
+def test_report_to_accepts_a_comma_list_and_names_a_bad_sink():
+    assert OrpoConfig(report_to="TensorBoard, wandb").report_to == "tensorboard,wandb"
+    assert OrpoConfig(report_to=[]).report_to == "none"
+    with pytest.raises(ConfigError, match="report_to: 'mlflow'"):
+        OrpoConfig(report_to="mlflow")
+    with pytest.raises(ConfigError, match="save_total_limit"):
+        OrpoConfig(save_total_limit=0)

@@ -11,12 +11,12 @@ from conftest import build_tiny_llama, build_tokenizer, random_tokenized_pairs
 from peft import LoraConfig, get_peft_model
 
 from qlora_orpo.checkpoint import read_metrics
+from qlora_orpo.cli.evaluate import main
 from qlora_orpo.collate import TokenizedPair, collate_pairs
 from qlora_orpo.config import OrpoConfig
 from qlora_orpo.evaluate import (
     evaluate_base_and_adapter,
     evaluate_pairs,
-    main,
     markdown_report,
     resolve_eval_config,
 )

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from qlora_orpo import adapters as A
 from qlora_orpo import export as E
+from qlora_orpo.cli.export import main as export_main
 from qlora_orpo.config import OrpoConfig
 
 IDS = [[5, 17, 42, 99, 7, 3, 250, 11, 64, 1], [2, 300, 8, 8, 120]]
@@ -242,7 +243,7 @@ def test_missing_adapter_file_is_named(tiny, tmp_path):
 
 
 def test_export_script_prints_the_result_as_json(tiny, tmp_path, capsys):
-    rc = E.main(["--adapter", str(tiny["adapter"]), "--out", str(tmp_path / "m"), "--dtype", "bfloat16",
+    rc = export_main(["--adapter", str(tiny["adapter"]), "--out", str(tmp_path / "m"), "--dtype", "bfloat16",
                  "--max-shard-size", "100KB"])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -252,7 +253,7 @@ def test_export_script_prints_the_result_as_json(tiny, tmp_path, capsys):
 
 
 def test_export_script_reports_user_errors_on_one_line(tiny, tmp_path, capsys):
-    rc = E.main(["--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
+    rc = export_main(["--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("error: ") and err.endswith("nowhere: no such adapter directory")

@@ -201,7 +201,7 @@ def test_dry_run_shows_the_trained_span_then_train_export_and_reload(name, tmp_p
     from transformers import AutoModelForCausalLM
 
     from qlora_orpo.chat import chat, load_for_chat
-    from qlora_orpo.cli import main
+    from qlora_orpo.cli.train import main
     from qlora_orpo.config import OrpoConfig
     from qlora_orpo.export import export_merged
     from qlora_orpo.train import run

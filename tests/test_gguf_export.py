@@ -256,7 +256,9 @@ def test_an_earlier_export_and_its_modelfile_are_replaced(cases, tmp_path):
 
 def test_export_script_writes_gguf(cases, tmp_path, capsys):
     out = tmp_path / "smol.gguf"
-    rc = E.main(["--adapter", str(cases["llama"]["adapter"]), "--out", str(out), "--format", "gguf",
+    from qlora_orpo.cli.export import main as export_main
+
+    rc = export_main(["--adapter", str(cases["llama"]["adapter"]), "--out", str(out), "--format", "gguf",
                  "--quant", "q8_0"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err

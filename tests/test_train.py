@@ -212,3 +212,112 @@ def test_lr_schedule_warms_up_then_decays():
     assert values[0] < values[1] < values[2] == 1.0
     assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False))
     assert values[-1] < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume that loses nothing (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_with_more_steps_continues_the_same_losses(tmp_path, tiny_model_dir, tiny_data, capsys):
+    # A constant schedule, so raising max_steps changes no learning rate of the first steps.
+    common = dict(lora_dropout=0.1, save_every=0, lr_scheduler="constant", warmup_ratio=0.0)
+    run(tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="long", max_steps=4, **common))
+    short = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="short", max_steps=2, **common)
+    run(short)
+    capsys.readouterr()
+    run(short, resume=True, overrides={"max_steps": 4, "log_every": 2})
+    assert "max_steps: 2 -> 4" in capsys.readouterr().err  # says what changed
+    run_dir = tmp_path / "runs" / "short"
+    assert OrpoConfig.from_file(run_dir / "config.yaml").max_steps == 4  # recorded
+    long, resumed = dict(train_losses(tmp_path / "runs" / "long")), dict(train_losses(run_dir))
+    assert sorted(resumed) == [1, 2, 4]  # steps 1-2 from the first run, then every 2nd step
+    for step in resumed:
+        assert resumed[step] == pytest.approx(long[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_resume_refuses_a_change_that_alters_the_training(tmp_path, tiny_model_dir, tiny_data):
+    from qlora_orpo.errors import ConfigError
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, max_steps=2, save_every=0)
+    run(cfg)
+    with pytest.raises(ConfigError, match=r"beta \(0\.1 in the run, 0\.5 given\)"):
+        run(cfg, resume=True, overrides={"beta": 0.5, "max_steps": 3})
+
+
+def test_ctrl_c_mid_accumulation_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_data,
+                                                                          monkeypatch):
+    from qlora_orpo.step import OrpoStep
+
+    # lora_dropout > 0: the resumed run must also restore the RNG of the last completed step's end.
+    common = dict(lora_dropout=0.1, save_every=2, grad_accum=3, max_steps=5)
+    run(tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="full", **common))
+
+    calls = {"n": 0}
+    original = OrpoStep.__call__
+
+    def interrupt_in_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 2:  # the 2nd micro-batch of step 3: one micro-batch's gradient already added
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    cut = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="cut", **common)
+    monkeypatch.setattr(OrpoStep, "__call__", interrupt_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cut)
+    monkeypatch.setattr(OrpoStep, "__call__", original)
+    run_dir = tmp_path / "runs" / "cut"
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint.name == "step-000002"  # the periodic save of step 2, replaced by the interrupt's
+    assert not list((run_dir / "checkpoints").glob("*.old")) and not list((run_dir / "checkpoints").glob("*.tmp"))
+    state = json.loads((checkpoint / "state.json").read_text())["train_state"]
+    assert state["step"] == 2 and state["micro_batches"] == 2 * 3  # the unfinished step's micro-batch not counted
+    run(cut, resume=True)
+    full, resumed = train_losses(tmp_path / "runs" / "full"), train_losses(run_dir)
+    assert [s for s, _ in resumed] == list(range(1, 6))
+    for (step, a), (_, b) in zip(full, resumed, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, tiny_model_dir, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, max_steps=2, save_every=0)
+    run(cfg)
+    lines = tiny_data.read_text().splitlines()
+    row = json.loads(lines[0])
+    row["chosen"] = "a different reply"
+    tiny_data.write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+    with pytest.raises(TrainingError, match=f"{tiny_data}.*differs"):
+        run(cfg, resume=True, overrides={"max_steps": 3})
+
+
+def test_same_step_checkpoint_is_replaced_atomically_and_save_total_limit_prunes(tmp_path):
+    from qlora_orpo.checkpoint import TrainState, save_checkpoint
+
+    class Model(torch.nn.Module):  # save_pretrained is all a checkpoint needs of the model
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+        def save_pretrained(self, path, safe_serialization=True):
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True)
+            save_file({"w": self.w.detach()}, str(path / "adapter_model.safetensors"))
+
+    model = Model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run_dir = tmp_path / "run"
+    first = save_checkpoint(run_dir, model, optimizer, scheduler, TrainState(step=3, micro_batches=6), keep=2)
+    again = save_checkpoint(run_dir, model, optimizer, scheduler, TrainState(step=3, micro_batches=7), keep=2)
+    assert first == again and latest_checkpoint(run_dir) == again
+    assert json.loads((again / "state.json").read_text())["train_state"]["micro_batches"] == 7
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-000003"]
+    # A crash between the two renames of a replacement leaves only step-N.old: it is still found.
+    again.rename(again.with_name("step-000003.old"))
+    assert latest_checkpoint(run_dir).name == "step-000003.old"
+    for step in (4, 5, 6):
+        save_checkpoint(run_dir, model, optimizer, scheduler, TrainState(step=step), keep=2)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if "." not in p.name)
+    assert kept == ["step-000005", "step-000006"]

@@ -231,6 +231,7 @@ def memory_floor(
     activation_bytes: int = 4,
     double_quant: bool = True,
     sequences: int = 1,
+    param_bytes: int = 4,
 ) -> MemoryFloor:
     """The floor of one training step on ``sequences`` sequences of ``seq_len`` tokens each.
 
@@ -245,6 +246,9 @@ def memory_floor(
         double_quant: whether the absmax statistics are themselves quantised.
         sequences: sequences whose activations are alive at once (1 for ``split``, 2 for
             ``joint``/``sequential`` with one pair).
+        param_bytes: bytes per full-precision parameter (embedding, norms, untied lm_head):
+            4 as ``model.py`` loads them, 2 for a model kept in bfloat16 (``qlora-orpo plan``'s
+            second variant).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -267,7 +271,7 @@ def memory_floor(
     return MemoryFloor(
         weights_4bit=p_q // 2,
         quant_stats=stats,
-        full_precision=4 * shape.full_precision_params,
+        full_precision=param_bytes * shape.full_precision_params,
         lora_weights=4 * p_lora,
         lora_grads=4 * p_lora,
         optimizer_states=8 * p_lora,

@@ -209,13 +209,15 @@ def worker_env(spec: BenchSpec, base: dict[str, str]) -> dict[str, str] | str:
     return env
 
 
-def run_in_subprocess(script: Path, spec: BenchSpec, timeout: float | None = None) -> dict[str, Any]:
-    """Run ``script --worker SPEC`` in a fresh process and return its row (or an ``error`` row)."""
+def run_in_subprocess(script: Path | None, spec: BenchSpec, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``script --worker SPEC`` (no script: ``python -m qlora_orpo bench --worker SPEC``) in a fresh
+    process and return its row (or an ``error`` row)."""
     row = _head(spec)
     env = worker_env(spec, dict(os.environ))
     if isinstance(env, str):
         return {**row, "skipped": env}
-    command = [sys.executable, str(script), "--worker", json.dumps(asdict(spec))]
+    entry = [str(script)] if script is not None else ["-m", "qlora_orpo", "bench"]
+    command = [sys.executable, *entry, "--worker", json.dumps(asdict(spec))]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -228,7 +230,7 @@ def run_in_subprocess(script: Path, spec: BenchSpec, timeout: float | None = Non
 
 
 def run_benchmark(
-    script: Path,
+    script: Path | None,
     specs: Sequence[BenchSpec],
     on_row: Callable[[dict[str, Any]], None] | None = None,
     timeout: float | None = None,

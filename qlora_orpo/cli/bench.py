@@ -1,4 +1,4 @@
-"""The command line of ``scripts/bench_orpo.py``: parse, plan, run each configuration in a worker, report."""
+"""``qlora-orpo bench`` (and ``scripts/bench_orpo.py``): parse, plan, run each configuration in a worker, report."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..bench.report import describe_machine, markdown_table, write_report
+from ..bench.spec import ALLOCATORS, DEFAULT_METHODS, LENGTHS, METHODS, QUICK_LENGTHS, BenchSpec, plan
+from ..bench.tiny import build_tiny_model_dir
+from ..bench.worker import run_benchmark, worker_main
 from ..config import EMBEDDED, OrpoConfig
-from .report import describe_machine, markdown_table, write_report
-from .spec import ALLOCATORS, DEFAULT_METHODS, LENGTHS, METHODS, QUICK_LENGTHS, BenchSpec, plan
-from .tiny import build_tiny_model_dir
-from .worker import run_benchmark, worker_main
+
+DESCRIPTION = ("Peak memory, time and loss of one ORPO optimizer step: TRL's loss path vs ours "
+               "(--step joint, --step split), each configuration in a fresh process.")
+PARSER_KWARGS: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
 
 def _csv(kind: Callable[[str], Any], choices: Sequence[Any] | None = None) -> Callable[[str], list[Any]]:
@@ -32,13 +36,7 @@ def _csv(kind: Callable[[str], Any], choices: Sequence[Any] | None = None) -> Ca
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bench_orpo.py",
-        description="Peak memory, time and loss of one ORPO optimizer step: TRL's loss path vs ours "
-        "(--step joint, --step split), each configuration in a fresh process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=_csv(int), help=f"max_length values (default {LENGTHS}; --quick {QUICK_LENGTHS})")
     parser.add_argument("--methods", type=_csv(str, METHODS), default=list(DEFAULT_METHODS),
                         help=f"configurations to run, from {', '.join(METHODS)}")
@@ -65,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="directory for results.json, results.md and memory_vs_length.png "
                         "(default bench_results/orpo-<time>)")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+
+
+def build_parser(prog: str = "qlora-orpo bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    add_arguments(parser)
     return parser
 
 
@@ -80,9 +83,15 @@ def _print_row(row: dict[str, Any]) -> None:
               f"{row['seconds_per_pair']:.2f} s/pair, loss {row['loss']:.6f}", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None, script: Path) -> int:
-    """Entry point of ``scripts/bench_orpo.py``; ``script`` is what the workers run."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None, script: Path | None = None) -> int:
+    """Entry point of ``scripts/bench_orpo.py`` (``script``: the file the workers run) and of
+    ``qlora-orpo bench`` (no script: the workers run ``python -m qlora_orpo bench --worker``)."""
+    parser = build_parser(prog="bench_orpo.py" if script is not None else "qlora-orpo bench")
+    return run(parser.parse_args(argv), parser, script=script, argv=argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, script: Path | None = None,
+        argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker)
     lengths = args.lengths or list(QUICK_LENGTHS if args.quick else LENGTHS)
@@ -103,7 +112,7 @@ def main(argv: Sequence[str] | None, script: Path) -> int:
     model_name = "SmolLM2-135M-Instruct (embedded)" if args.model == EMBEDDED else args.model
     settings = {**asdict(base), "model": model_name if not args.quick else "tiny random Llama (--quick)",
                 "lengths": lengths, "methods": methods, "allocators": allocators, "quick": args.quick,
-                "machine": describe_machine(), "command": " ".join([Path(script).name, *(argv or [])])}
+                "machine": describe_machine(), "command": " ".join([Path(script).name if script else "qlora-orpo bench", *(argv or [])])}
     settings.pop("method"), settings.pop("max_length"), settings.pop("allocator")
     paths = write_report(rows, out_dir, settings)
     print(markdown_table(rows))

@@ -1,0 +1,57 @@
+"""``qlora-orpo export``: merge an adapter into its unquantised base, verified with plain transformers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..errors import command
+
+DESCRIPTION = ("Merge a LoRA adapter into its unquantised base and write a plain transformers directory "
+               "(--format merged) or one GGUF file with an Ollama Modelfile (--format gguf), verified with "
+               "plain transformers.")
+PARSER_KWARGS: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "allow_abbrev": False}
+DTYPES = ("float32", "bfloat16", "float16")  # export.DTYPES' keys, without importing torch for --help
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="Adapter directory (a run's adapter/ or adapters/<name>).")
+    parser.add_argument("--out", required=True, help="Output directory (absent, empty, or an earlier export); "
+                        "for gguf a .gguf file name, or a directory that gets model-<quant>.gguf.")
+    parser.add_argument("--format", choices=("merged", "gguf"), default="merged",
+                        help="merged: safetensors directory; gguf: one .gguf file for llama.cpp/LM Studio/Ollama.")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored weights (merged only).")
+    parser.add_argument("--quant", choices=("f32", "f16", "q8_0"), default="f16",
+                        help="GGUF type of the matrices; norms stay F32 (gguf only).")
+    parser.add_argument("--base", default=None,
+                        help="Base model to merge into (directory, 'embedded' or hub id); default: the card's.")
+    parser.add_argument("--force", action="store_true", help="Merge even if the base's fingerprint differs.")
+    parser.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard, e.g. 500MB.")
+
+
+def build_parser(prog: str = "qlora-orpo export") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ..export import export_merged
+
+    if args.format == "gguf":
+        from ..gguf_export import export_gguf
+
+        print(json.dumps(export_gguf(args.adapter, args.out, args.quant, base=args.base, force=args.force).to_dict()))
+        return 0
+    result = export_merged(
+        args.adapter, args.out, args.dtype, base=args.base, force=args.force, max_shard_size=args.max_shard_size
+    )
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    return run(parser.parse_args(argv), parser)
