@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -116,9 +117,14 @@ def _check_causal_lm_dir(path: Path, name: str) -> None:
 
 
 def select_device(name: str) -> torch.device:
-    """``"auto"`` is the current CUDA device when there is one, else the CPU."""
+    """``"auto"`` is the current CUDA device when there is one, else the CPU.
+
+    Under several ranks (``WORLD_SIZE`` > 1) a bare ``cuda`` is the rank's own GPU, ``cuda:LOCAL_RANK``.
+    """
     if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
         device = torch.device(name)
     except RuntimeError as exc:

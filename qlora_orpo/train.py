@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .collate import TokenizedPair, collate_pairs
 from .config import OrpoConfig
@@ -26,12 +27,13 @@ from .data import load_from_config, split_holdout
 from .errors import TrainingError, UserError
 from .evaluate import evaluate_pairs
 from .memory import apply_cpu_allocator_policy, format_memory, peak_memory, reset_peak_memory
-from .step import OrpoStep
+from .step import OrpoStep, SideForward
 from .templating import tokenize_pairs
 
 
 def log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+    if distributed.is_main_process():  # one copy of each line, not one per rank
+        tqdm.write(message, file=sys.stderr)
 
 
 def resolve_run_dir(cfg: OrpoConfig, resume: bool) -> Path:
@@ -81,23 +83,28 @@ def build_optimizer(cfg: OrpoConfig, params: list[torch.nn.Parameter], device: t
 
 
 def micro_batches(
-    pairs: list[TokenizedPair], batch_size: int, seed: int, start: int, pad_token_id: int, pad_to_multiple_of: int = 1
+    pairs: list[TokenizedPair], batch_size: int, seed: int, start: int, pad_token_id: int, pad_to_multiple_of: int = 1,
+    world_size: int = 1, rank: int = 0,
 ) -> Iterator[Any]:
     """Endless stream of collated micro-batches, reshuffled each epoch from ``seed + epoch``.
 
     ``start`` skips that many micro-batches, so a resumed run sees exactly the batches it
     would have seen; the order depends only on (seed, epoch), never on earlier randomness.
+    Under ``world_size`` ranks, ``start`` counts micro-batches of all ranks together and
+    rank ``rank`` takes every ``world_size``-th of the one global stream, so a run can
+    resume under another number of ranks (the pairs are then dealt out differently).
     """
     per_epoch = max(1, len(pairs) // batch_size)  # the short tail of an epoch is dropped
-    index = start
+    index, epoch_of_order, order = start + rank, -1, []
     while True:
-        epoch, offset = divmod(index, per_epoch)
-        order = list(range(len(pairs)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for position in range(offset, per_epoch):
-            chosen = [pairs[i] for i in order[position * batch_size : (position + 1) * batch_size]]
-            yield collate_pairs(chosen, pad_token_id, pad_to_multiple_of)
-            index += 1
+        epoch, position = divmod(index, per_epoch)
+        if epoch != epoch_of_order:
+            order = list(range(len(pairs)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            epoch_of_order = epoch
+        chosen = [pairs[i] for i in order[position * batch_size : (position + 1) * batch_size]]
+        yield collate_pairs(chosen, pad_token_id, pad_to_multiple_of)
+        index += world_size
 
 
 def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -105,13 +112,27 @@ def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train as ``cfg`` says; returns the summary that is also logged. See ``finetune.py --help``."""
+    """Train as ``cfg`` says; returns the summary that is also logged. See ``finetune.py --help``.
+
+    Under ``torchrun``/``accelerate launch`` every rank runs this: data-parallel, with rank
+    0 alone writing the run directory (``distributed.py``).
+    """
+    from .model import select_device
+
+    dist = distributed.init(select_device(cfg.device))
+    try:
+        return _train(cfg, resume, on_step_end, dist)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: OrpoConfig, resume: bool, on_step_end: Callable[[int], None] | None, dist: distributed.Dist) -> dict[str, Any]:
     from .model import load_model_for_training, select_device
 
     # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
     on_cpu = select_device(cfg.device).type == "cpu"
     allocator = apply_cpu_allocator_policy(cfg.cpu_allocator) if on_cpu else "CUDA caching allocator"
-    run_dir = resolve_run_dir(cfg, resume)
+    run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume))))  # rank 0's timestamp
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume:
         if checkpoint is None:
@@ -120,8 +141,10 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
         log(f"resuming {run_dir} from {checkpoint.name}")
     elif (run_dir / "checkpoints").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.to_file(run_dir / "config.yaml")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_file(run_dir / "config.yaml")
+    dist.barrier()  # no rank reads the run directory while rank 0 writes it
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -148,6 +171,9 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
             f"{train_stats.system_folded} train prompts")
 
     device = info.device
+    if dist.enabled:
+        log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}")
+    side_forward = dist.wrap(SideForward(model, cfg.logits_chunk_size, cfg.nll_over_prompt), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     total_steps = total_optimizer_steps(cfg, len(train_tok))
@@ -155,17 +181,24 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
     state = TrainState()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if resume else None)
+    metrics_log = (
+        MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if resume else None)
+        if dist.is_main else distributed.NullLog()
+    )
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
     chooser = step_chooser(cfg, model, device) if cfg.step == "auto" else None
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
+        forward=side_forward, no_sync=dist.no_sync(side_forward),
     )
 
+    def save() -> Path | None:
+        return save_checkpoint(run_dir, model, optimizer, scheduler, state) if dist.is_main else None
+
     def evaluate(tag: str) -> dict[str, float] | None:
-        if not eval_tok:
+        if not eval_tok or not dist.is_main:  # the weights are equal on every rank: one evaluates
             return None
         result = evaluate_pairs(
             model, eval_tok, cfg.beta, tokenizer.pad_token_id, device, cfg.eval_batch_size,
@@ -179,19 +212,23 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
 
     before = evaluate("before") if state.step == 0 else None
     batches = micro_batches(
-        train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id, cfg.pad_to_multiple_of
+        train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id, cfg.pad_to_multiple_of,
+        dist.world_size, dist.rank,
     )
     reset_peak_memory(device)
     model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main)
     window_tokens, window_start = 0, time.perf_counter()
     last: dict[str, float] = {}
     try:
         while state.step < total_steps:
             sums: dict[str, torch.Tensor] = {}
             rows: list[int] = []
-            for _ in range(cfg.grad_accum):
-                out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum)
+            step_tokens = 0
+            dist.seed_step(cfg.seed, state.step)
+            for i in range(cfg.grad_accum):
+                out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum, sync_grads=i == cfg.grad_accum - 1)
                 if not torch.isfinite(out.loss):  # one sync per micro-batch: a NaN must not reach the weights
                     raise TrainingError(
                         f"non-finite loss ({float(out.loss)}) at step {state.step + 1}, pair rows {out.rows} of "
@@ -200,9 +237,11 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
                 rows += out.rows
                 for key, value in {"loss": out.loss, **out.metrics}.items():
                     sums[key] = sums.get(key, 0) + value / cfg.grad_accum
-                state.micro_batches += 1
-                state.tokens += out.num_tokens
-                window_tokens += out.num_tokens
+                state.micro_batches += dist.world_size  # counted over all ranks (see micro_batches)
+                step_tokens += out.num_tokens
+            step_tokens, sums = dist.reduce_step(step_tokens, sums)
+            state.tokens += step_tokens
+            window_tokens += step_tokens
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
             # A finite loss can still give a non-finite gradient (the split step's rejected
@@ -238,18 +277,20 @@ def run(cfg: OrpoConfig, resume: bool = False, on_step_end: Callable[[int], None
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
                 evaluate("periodic")
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, state)
+                save()
             if on_step_end is not None:
                 on_step_end(state.step)
     except KeyboardInterrupt:
         bar.close()
-        path = save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        path = save()
         log(f"interrupted: saved {path} (step {state.step}); continue with --resume --run-name {run_dir.name}"
             f" --output-dir {cfg.output_dir}")
         raise
     bar.close()
+    if not dist.is_main:
+        return {"run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "rank": dist.rank}
 
-    save_checkpoint(run_dir, model, optimizer, scheduler, state)
+    save()
     after = evaluate("after")
     adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after)
     summary = {

@@ -101,8 +101,8 @@ def test_non_finite_loss_stops_with_step_and_rows(tmp_path, tiny_model_dir, tiny
     calls = {"n": 0}
     real = step.OrpoStep.__call__
 
-    def poisoned(self, batch, loss_scale=1.0):
-        out = real(self, batch, loss_scale)
+    def poisoned(self, batch, loss_scale=1.0, **kw):
+        out = real(self, batch, loss_scale, **kw)
         calls["n"] += 1
         if calls["n"] == 5:  # first micro-batch of step 3
             out.loss = torch.tensor(float("nan"))
@@ -123,8 +123,8 @@ def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, tiny_mode
     calls = {"n": 0}
     real = step.OrpoStep.__call__
 
-    def poisoned(self, batch, loss_scale=1.0):
-        out = real(self, batch, loss_scale)
+    def poisoned(self, batch, loss_scale=1.0, **kw):
+        out = real(self, batch, loss_scale, **kw)
         calls["n"] += 1
         if calls["n"] == 6:  # second micro-batch of step 3
             lora = next(p for n, p in self.model.named_parameters() if "lora_B" in n)
