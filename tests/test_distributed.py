@@ -171,3 +171,22 @@ def test_accelerate_cpu_launcher_starting_one_process_is_refused(tmp_path):
     assert result.returncode != 0
     assert "asked for 2 processes but started one non-distributed process" in result.stderr
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_fsdp2_on_a_cpu_mesh_shards_the_4bit_weights_and_matches_ddp(tmp_path, tiny_model_dir):  # noqa: F811
+    out = tmp_path / "fsdp"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "fsdp_worker.py"),
+         str(tiny_model_dir), str(out)], env=env, capture_output=True, text=True, timeout=300,
+    )
+    check(result)
+    shards = json.loads((out / "shards.json").read_text())
+    assert shards and all(local * 2 == full for local, full in shards.values())  # each rank holds half
+    tensors = load_file(str(out / "grads.safetensors"))
+    names = [k.removeprefix("ddp/") for k in tensors if k.startswith("ddp/")]
+    assert names and any(tensors[f"ddp/{n}"].abs().max() > 0 for n in names)
+    for name in names:
+        torch.testing.assert_close(tensors[f"fsdp2/{name}"], tensors[f"ddp/{name}"], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(tensors[f"after/{name}"], tensors[f"ddp_after/{name}"], rtol=1e-5, atol=1e-8)
