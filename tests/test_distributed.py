@@ -190,3 +190,14 @@ def test_fsdp2_on_a_cpu_mesh_shards_the_4bit_weights_and_matches_ddp(tmp_path, t
     for name in names:
         torch.testing.assert_close(tensors[f"fsdp2/{name}"], tensors[f"ddp/{name}"], rtol=1e-5, atol=1e-8, msg=name)
         torch.testing.assert_close(tensors[f"after/{name}"], tensors[f"ddp_after/{name}"], rtol=1e-5, atol=1e-8)
+
+
+def test_on_paper_scaling_shards_memory_under_fsdp2_only():
+    from qlora_orpo.bench.scaling import LLAMA_70B, estimate
+
+    ddp = [estimate(LLAMA_70B, "ddp", g) for g in (1, 2, 4, 8)]
+    fsdp = [estimate(LLAMA_70B, "fsdp2", g) for g in (1, 2, 4, 8)]
+    assert len({e.memory_bytes for e in ddp}) == 1  # every rank holds the whole model
+    assert all(a.memory_bytes > b.memory_bytes for a, b in zip(fsdp, fsdp[1:], strict=False))
+    assert fsdp[1].memory_bytes < ddp[1].memory_bytes and fsdp[1].comm_s > ddp[1].comm_s
+    assert all(a.step_s > b.step_s for a, b in zip(ddp, ddp[1:], strict=False))
