@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import torch
 
 from .bnb_cpu import disable_bnb_cpu_repacking, import_bitsandbytes_quietly
 from .config import EMBEDDED, OrpoConfig
+from .distributed import sharding_from_env
 from .embedded import embedded_model_dir
 from .errors import ConfigError, ModelError
 from .memory import malloc_trim
@@ -116,9 +118,14 @@ def _check_causal_lm_dir(path: Path, name: str) -> None:
 
 
 def select_device(name: str) -> torch.device:
-    """``"auto"`` is the current CUDA device when there is one, else the CPU."""
+    """``"auto"`` is the current CUDA device when there is one, else the CPU.
+
+    Under several ranks (``WORLD_SIZE`` > 1) a bare ``cuda`` is the rank's own GPU, ``cuda:LOCAL_RANK``.
+    """
     if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
@@ -227,6 +234,7 @@ def load_base(
     *,
     dtype: torch.dtype | None = None,
     name: str | None = None,
+    quant_storage: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """The base model at ``path`` as every command loads it, frozen, in eval mode.
 
@@ -234,7 +242,9 @@ def load_base(
     ``compute_dtype``; ``"none"``: no quantisation. The unquantised tensors are stored in
     ``dtype`` (default ``compute_dtype``, see the module docstring). The bitsandbytes CPU
     repacking work-around is applied before anything can run a forward. ``name`` is what
-    errors call the model (default ``path``).
+    errors call the model (default ``path``). ``quant_storage``: the dtype the packed 4-bit
+    weights are stored in (default uint8); FSDP2 needs the compute dtype there, so that a
+    layer's 4-bit and LoRA parameters share one float dtype it can flatten and shard.
     """
     from transformers import AutoModelForCausalLM
 
@@ -252,6 +262,7 @@ def load_base(
             bnb_4bit_quant_type=quant,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=quant_storage or torch.uint8,
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -276,7 +287,9 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
     device = select_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     tokenizer = load_tokenizer(path)
-    model = load_base(path, cfg.quant, device, compute_dtype, name=cfg.model)
+    # Sharded (FSDP2) runs store the packed 4-bit weights in the compute dtype (peft's FSDP-QLoRA recipe).
+    quant_storage = compute_dtype if sharding_from_env() == "fsdp2" else None
+    model = load_base(path, cfg.quant, device, compute_dtype, name=cfg.model, quant_storage=quant_storage)
     # The QLoRA preparation, without peft's prepare_model_for_kbit_training: that upcasts
     # every 16-bit tensor to float32, doubling the residual stream's memory on a GPU.
     if cfg.gradient_checkpointing:
@@ -352,7 +365,7 @@ def _copy_out_of_checkpoint_mmap(model: torch.nn.Module) -> int:
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.device.type != "cpu" or tensor.untyped_storage().resizable():
                 continue
-            if tensor.dtype == torch.uint8:  # a packed 4-bit weight is always bitsandbytes-owned
+            if tensor.dtype == torch.uint8 or hasattr(tensor, "quant_state"):  # packed 4-bit: bitsandbytes-owned
                 continue
             tensor.data = tensor.data.clone()
             copied += tensor.numel() * tensor.element_size()

@@ -32,7 +32,9 @@ sequence x vocabulary logits never exist, in the forward or the backward.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +197,23 @@ def forward_logps(model: nn.Module, side: SideBatch, chunk_size: int, nll_over_p
     return SideLogps(logps, nll)
 
 
+class SideForward(nn.Module):
+    """:func:`forward_logps` as a module, so a data-parallel engine can wrap it.
+
+    DDP and FSDP2 act through a module's ``forward`` (DDP arms its gradient bookkeeping
+    there, FSDP2 gathers the sharded weights); the step's passes call this module, whose
+    parameters are the model's.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 64, nll_over_prompt: bool = False):
+        super().__init__()
+        self.model, self.chunk_size, self.nll_over_prompt = model, chunk_size, nll_over_prompt
+
+    def forward(self, side: SideBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = forward_logps(self.model, side, self.chunk_size, self.nll_over_prompt)
+        return out.logps, out.nll
+
+
 def _capture_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda_state
@@ -223,8 +242,11 @@ def _default_backward(loss: torch.Tensor) -> None:
 class OrpoStep:
     """Runs forward and backward of one micro-batch in the chosen mode.
 
-    Device placement and backward live here and only here, so that a data-parallel wrapper
-    (``accelerate``) can later take over by passing its own ``backward``.
+    Device placement and backward live here and only here. A data-parallel engine
+    (``distributed.py``) passes its wrapped ``forward`` (a :class:`SideForward` under DDP or
+    FSDP2) and its ``no_sync``: then every forward+backward pass keeps its gradients local
+    except the micro-batch's last pass when ``sync_grads`` is set, whose backward averages
+    the accumulated gradients over the ranks.
     """
 
     def __init__(
@@ -238,6 +260,8 @@ class OrpoStep:
         device: torch.device | str = "cpu",
         backward: Callable[[torch.Tensor], None] = _default_backward,
         choose: Callable[[PairBatch], str] | None = None,
+        forward: nn.Module | None = None,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
     ):
         if mode not in STEP_MODES:
             raise ValueError(f"step mode {mode!r} is not one of {', '.join(STEP_MODES)}")
@@ -248,9 +272,17 @@ class OrpoStep:
         if mode == "auto" and choose is None:
             raise ValueError("step mode 'auto' needs a chooser (step_choice.StepChooser)")
         self.choose = choose
+        self.side_forward = forward if forward is not None else SideForward(model, chunk_size, nll_over_prompt)
+        self.no_sync = no_sync
+        self._sync_grads = True
 
-    def __call__(self, batch: PairBatch, loss_scale: float = 1.0) -> StepOutput:
-        """Accumulate ``loss_scale * dL/dθ`` into the parameters' ``.grad``; L is the batch-mean ORPO loss."""
+    def __call__(self, batch: PairBatch, loss_scale: float = 1.0, sync_grads: bool = True) -> StepOutput:
+        """Accumulate ``loss_scale * dL/dθ`` into the parameters' ``.grad``; L is the batch-mean ORPO loss.
+
+        ``sync_grads``: under a data-parallel engine, whether this micro-batch's last backward
+        averages the gradients over the ranks (the last micro-batch of an optimizer step).
+        """
+        self._sync_grads = sync_grads
         batch = batch.to(self.device)
         mode = self.choose(batch) if self.mode == "auto" else self.mode
         run = {"split": self._split, "sequential": self._sequential, "joint": self._joint}[mode]
@@ -259,34 +291,44 @@ class OrpoStep:
         return StepOutput(loss.detach(), metrics, tokens, batch.rows)
 
     def _forward(self, side: SideBatch) -> SideLogps:
-        return forward_logps(self.model, side, self.chunk_size, self.nll_over_prompt)
+        return SideLogps(*self.side_forward(side))
+
+    def _pass(self, last: bool) -> AbstractContextManager:
+        """The context of one forward+backward pass: gradients stay local unless it is the step's last."""
+        if self.no_sync is None or (last and self._sync_grads):
+            return contextlib.nullcontext()
+        return self.no_sync()
 
     def _split(self, batch: PairBatch, scale: float):
         rejected_rng = _capture_rng(self.device)
-        with torch.no_grad():
+        with torch.no_grad():  # a no-grad forward leaves DDP's gradient bookkeeping untouched
             rejected_logps = self._forward(batch.rejected).logps  # (a)
-        chosen = self._forward(batch.chosen)  # (b)
-        loss, metrics = orpo_loss(chosen.logps, rejected_logps, chosen.nll, self.beta)
-        self.backward(loss * scale)
+        with self._pass(last=False):
+            chosen = self._forward(batch.chosen)  # (b)
+            loss, metrics = orpo_loss(chosen.logps, rejected_logps, chosen.nll, self.beta)
+            self.backward(loss * scale)
         _, d_rejected = orpo_logp_grads(chosen.logps, rejected_logps, self.beta)
         after_chosen_rng = _capture_rng(self.device)
         _restore_rng(self.device, rejected_rng)  # the same dropout mask as (a)
-        rejected = self._forward(batch.rejected)  # (c)
-        self.backward((d_rejected * scale * rejected.logps).sum())
+        with self._pass(last=True):
+            rejected = self._forward(batch.rejected)  # (c)
+            self.backward((d_rejected * scale * rejected.logps).sum())
         _restore_rng(self.device, after_chosen_rng)
         return loss, metrics
 
     def _sequential(self, batch: PairBatch, scale: float):
-        chosen = self._forward(batch.chosen)
-        rejected = self._forward(batch.rejected)
-        loss, metrics = orpo_loss(chosen.logps, rejected.logps, chosen.nll, self.beta)
-        self.backward(loss * scale)
+        with self._pass(last=True):
+            chosen = self._forward(batch.chosen)
+            rejected = self._forward(batch.rejected)
+            loss, metrics = orpo_loss(chosen.logps, rejected.logps, chosen.nll, self.beta)
+            self.backward(loss * scale)
         return loss, metrics
 
     def _joint(self, batch: PairBatch, scale: float):
-        both = self._forward(concat_sides(batch, self.pad_token_id))
-        n = batch.size
-        loss, metrics = orpo_loss(both.logps[:n], both.logps[n:], both.nll[:n], self.beta)
-        self.backward(loss * scale)
+        with self._pass(last=True):
+            both = self._forward(concat_sides(batch, self.pad_token_id))
+            n = batch.size
+            loss, metrics = orpo_loss(both.logps[:n], both.logps[n:], both.nll[:n], self.beta)
+            self.backward(loss * scale)
         return loss, metrics
 

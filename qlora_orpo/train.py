@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .checkpoint import RngSnapshot, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .collate import TokenizedPair, collate_pairs
 from .config import OrpoConfig
@@ -27,10 +28,15 @@ from .memory import apply_cpu_allocator_policy, format_memory, peak_memory, rese
 from .metrics import MetricsLogger, console_logger
 from .resume import check_data_fingerprint, data_fingerprint, deferred_interrupt, resume_config
 from .run_eval import RunEvaluator
-from .step import OrpoStep
+from .step import OrpoStep, SideForward
 from .templating import tokenize_pairs
 
-log = console_logger()
+_console = console_logger()
+
+
+def log(message: str) -> None:
+    if distributed.is_main_process():  # one copy of each line, not one per rank
+        _console(message)
 
 
 def resolve_run_dir(cfg: OrpoConfig, resume: bool) -> Path:
@@ -80,23 +86,28 @@ def build_optimizer(cfg: OrpoConfig, params: list[torch.nn.Parameter], device: t
 
 
 def micro_batches(
-    pairs: list[TokenizedPair], batch_size: int, seed: int, start: int, pad_token_id: int, pad_to_multiple_of: int = 1
+    pairs: list[TokenizedPair], batch_size: int, seed: int, start: int, pad_token_id: int, pad_to_multiple_of: int = 1,
+    world_size: int = 1, rank: int = 0,
 ) -> Iterator[Any]:
     """Endless stream of collated micro-batches, reshuffled each epoch from ``seed + epoch``.
 
     ``start`` skips that many micro-batches, so a resumed run sees exactly the batches it
     would have seen; the order depends only on (seed, epoch), never on earlier randomness.
+    Under ``world_size`` ranks, ``start`` counts micro-batches of all ranks together and
+    rank ``rank`` takes every ``world_size``-th of the one global stream, so a run can
+    resume under another number of ranks (the pairs are then dealt out differently).
     """
     per_epoch = max(1, len(pairs) // batch_size)  # the short tail of an epoch is dropped
-    index = start
+    index, epoch_of_order, order = start + rank, -1, []
     while True:
-        epoch, offset = divmod(index, per_epoch)
-        order = list(range(len(pairs)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for position in range(offset, per_epoch):
-            chosen = [pairs[i] for i in order[position * batch_size : (position + 1) * batch_size]]
-            yield collate_pairs(chosen, pad_token_id, pad_to_multiple_of)
-            index += 1
+        epoch, position = divmod(index, per_epoch)
+        if epoch != epoch_of_order:
+            order = list(range(len(pairs)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            epoch_of_order = epoch
+        chosen = [pairs[i] for i in order[position * batch_size : (position + 1) * batch_size]]
+        yield collate_pairs(chosen, pad_token_id, pad_to_multiple_of)
+        index += world_size
 
 
 def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -119,14 +130,32 @@ def run(
 
     With ``resume`` the run's recorded config is used, changed only by ``overrides`` (the
     values the user set; default: the fields of ``cfg`` that differ from the defaults) in
-    the fields :data:`resume.RESUMABLE_FIELDS` allows.
+    the fields :data:`resume.RESUMABLE_FIELDS` allows. Under ``torchrun``/``accelerate
+    launch`` every rank runs this: data-parallel, with rank 0 alone writing the run
+    directory (``distributed.py``).
     """
+    from .model import select_device
+
+    dist = distributed.init(select_device(cfg.device))
+    try:
+        return _train(cfg, resume, on_step_end, overrides, dist)
+    finally:
+        dist.shutdown()
+
+
+def _train(
+    cfg: OrpoConfig,
+    resume: bool,
+    on_step_end: Callable[[int], None] | None,
+    overrides: dict[str, Any] | None,
+    dist: distributed.Dist,
+) -> dict[str, Any]:
     from .model import load_model_for_training, select_device
 
     # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
     on_cpu = select_device(cfg.device).type == "cpu"
     allocator = apply_cpu_allocator_policy(cfg.cpu_allocator) if on_cpu else "CUDA caching allocator"
-    run_dir = resolve_run_dir(cfg, resume)
+    run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume))))  # rank 0's timestamp
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume:
         if checkpoint is None:
@@ -136,8 +165,10 @@ def run(
         log(f"resuming {run_dir} from {checkpoint.name}" + (f"; changed {'; '.join(changes)}" if changes else ""))
     elif (run_dir / "checkpoints").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.to_file(run_dir / "config.yaml")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_file(run_dir / "config.yaml")
+    dist.barrier()  # no rank reads the run directory while rank 0 writes it
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -164,6 +195,9 @@ def run(
             f"{train_stats.system_folded} train prompts")
 
     device = info.device
+    if dist.enabled:
+        log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}")
+    side_forward = dist.wrap(SideForward(model, cfg.logits_chunk_size, cfg.nll_over_prompt), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     total_steps = total_optimizer_steps(cfg, len(train_tok))
@@ -174,8 +208,9 @@ def run(
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
         check_data_fingerprint(state.data_fingerprint, fingerprint, data.source, checkpoint)
     state.data_fingerprint = fingerprint
-    metrics_log = MetricsLogger(
-        run_dir, cfg.report_to, resume_step=state.step if resume else None, config=cfg.to_dict()
+    metrics_log = (
+        MetricsLogger(run_dir, cfg.report_to, resume_step=state.step if resume else None, config=cfg.to_dict())
+        if dist.is_main else distributed.NullLog()
     )
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
@@ -183,14 +218,22 @@ def run(
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
+        forward=side_forward, no_sync=dist.no_sync(side_forward),
     )
 
+    def save(rng: RngSnapshot | None = None) -> Path | None:
+        if not dist.is_main:
+            return None
+        return save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit, rng=rng)
+
     # Before/periodic/after evaluations, health checks and best-checkpoint selection: run_eval.py.
-    evaluator = RunEvaluator(model, tokenizer, cfg, eval_tok, eval_pairs, device, run_dir, metrics_log, log,
-                             source=str(data.source), resumed_step=state.step)
-    before = evaluator.before(state.step) if state.step == 0 else None
+    # The weights are equal on every rank: rank 0 alone evaluates.
+    evaluator = RunEvaluator(model, tokenizer, cfg, eval_tok if dist.is_main else [], eval_pairs, device, run_dir,
+                             metrics_log, log, source=str(data.source), resumed_step=state.step)
+    before = evaluator.before(state.step) if state.step == 0 and dist.is_main else None
     batches = micro_batches(
-        train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id, cfg.pad_to_multiple_of
+        train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id, cfg.pad_to_multiple_of,
+        dist.world_size, dist.rank,
     )
     reset_peak_memory(device)
     model.train()
@@ -204,8 +247,9 @@ def run(
             sums: dict[str, torch.Tensor] = {}
             rows: list[int] = []
             step_tokens = 0
-            for _ in range(cfg.grad_accum):
-                out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum)
+            dist.seed_step(cfg.seed, state.step)
+            for i in range(cfg.grad_accum):
+                out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum, sync_grads=i == cfg.grad_accum - 1)
                 if not torch.isfinite(out.loss):  # one sync per micro-batch: a NaN must not reach the weights
                     raise TrainingError(
                         f"non-finite loss ({float(out.loss)}) at step {state.step + 1}, pair rows {out.rows} of "
@@ -215,10 +259,12 @@ def run(
                 for key, value in {"loss": out.loss, **out.metrics}.items():
                     sums[key] = sums.get(key, 0) + value / cfg.grad_accum
                 step_tokens += out.num_tokens
+            step_tokens, sums = dist.reduce_step(step_tokens, sums)
             # From here to the counters the update is all or nothing: Ctrl-C waits for its end.
             with deferred_interrupt():
                 grad_norm = _update(cfg, state, scaler, optimizer, scheduler, params, rows, data, run_dir)
-                state.micro_batches += cfg.grad_accum  # counted only now that their gradients are in the weights
+                # Counted only now that their gradients are in the weights, over all ranks (see micro_batches).
+                state.micro_batches += cfg.grad_accum * dist.world_size
                 state.tokens += step_tokens
                 step_end_rng = RngSnapshot.capture()
             window_tokens += step_tokens
@@ -235,24 +281,26 @@ def run(
                 metrics_log.log(last, postfix=f"loss {last['loss']:.3f} acc {last['reward_accuracy']:.2f} "
                                     f"{last['tokens_per_s']:.0f} tok/s {format_memory(memory)}")
                 window_tokens, window_start = 0, time.perf_counter()
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and dist.is_main:
                 evaluator.periodic(state.step)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
+                save()
             if on_step_end is not None:
                 on_step_end(state.step)
     except KeyboardInterrupt:
         metrics_log.close_progress()
         # The state of the last completed step: an unfinished accumulation's micro-batches are
         # not counted (their gradients never reached the weights) and its RNG draws are undone.
-        path = save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit, rng=step_end_rng)
+        path = save(rng=step_end_rng)
         log(f"interrupted: saved {path} (step {state.step}); continue with --resume --run-name {run_dir.name}"
             f" --output-dir {cfg.output_dir}")
         metrics_log.close()  # (other errors leave the sinks as they are: every record is already flushed)
         raise
     metrics_log.close_progress()
+    if not dist.is_main:
+        return {"run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "rank": dist.rank}
 
-    save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
+    save()
     after, evaluation = evaluator.finish(state.step)
     adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after, evaluation)
     summary = {

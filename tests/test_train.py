@@ -102,8 +102,8 @@ def poison_micro_batch(monkeypatch, call: int, poison) -> None:
     calls = {"n": 0}
     real = step.OrpoStep.__call__
 
-    def poisoned(self, batch, loss_scale=1.0):
-        out = real(self, batch, loss_scale)
+    def poisoned(self, batch, loss_scale=1.0, **kw):
+        out = real(self, batch, loss_scale, **kw)
         calls["n"] += 1
         if calls["n"] == call:
             poison(self, out)

@@ -1,0 +1,69 @@
+"""Run by ``torchrun`` in tests/test_distributed.py: one rank of a training run.
+
+``python dist_worker.py CONFIG.json OUT_DIR [--resume] [--stop-after N]``: trains with the
+config, writes this rank's LoRA weights after every optimizer step to
+``OUT_DIR/rank{R}-step{S}.safetensors`` with the number of gradient all-reduces DDP ran
+so far (``__allreduces``: completed reductions of all buckets) and, with ``--stop-after``, raises
+KeyboardInterrupt after step N as a Ctrl-C would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import qlora_orpo.distributed as distributed
+import qlora_orpo.step as step
+from qlora_orpo.config import OrpoConfig
+from qlora_orpo.train import run
+
+
+def main(argv: list[str]) -> int:
+    config, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
+    stop_after = int(argv[argv.index("--stop-after") + 1]) if "--stop-after" in argv else 0
+    models = []
+    real_init = step.OrpoStep.__init__
+
+    def capturing_init(self, model, *args, **kwargs):  # the loop's model, to read its weights
+        models.append(model)
+        real_init(self, model, *args, **kwargs)
+
+    step.OrpoStep.__init__ = capturing_init
+    allreduces = [0]
+    real_wrap = distributed.wrap_ddp
+
+    def counting_wrap(module, device):  # counts DDP's gradient reductions through a comm hook
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            allreduces[0] += bucket.is_last()
+            return allreduce_hook(state, bucket)
+
+        ddp = real_wrap(module, device)
+        ddp.register_comm_hook(None, hook)
+        return ddp
+
+    distributed.wrap_ddp = counting_wrap
+    rank = int(os.environ.get("RANK", "0"))
+
+    def dump(s: int) -> None:
+        weights = {n: p.detach().clone() for n, p in models[-1].named_parameters() if p.requires_grad}
+        weights["__allreduces"] = torch.tensor(allreduces[0])
+        save_file(weights, str(out / f"rank{rank}-step{s}.safetensors"))
+        if s == stop_after:
+            raise KeyboardInterrupt
+
+    try:
+        run(OrpoConfig(**config), resume="--resume" in argv, on_step_end=dump)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

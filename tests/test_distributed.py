@@ -1,0 +1,207 @@
+"""Data-parallel training with two CPU processes (torchrun, gloo) against one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import tiny_config, tiny_data, tiny_model_dir, train_losses  # noqa: F401  (fixtures)
+
+from qlora_orpo.checkpoint import read_metrics
+from qlora_orpo.train import micro_batches, run
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+pytestmark = pytest.mark.skipif(
+    not TORCHRUN.exists() or not torch.distributed.is_gloo_available(), reason="needs torchrun and gloo"
+)
+
+
+def torchrun(tmp_path: Path, cfg, out: Path, *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / f"config-{out.name}.json"
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(REPO / "tests" / "dist_worker.py"),
+               str(config), str(out), *flags]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def check(result: subprocess.CompletedProcess, ok: bool = True) -> None:
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
+
+
+def test_micro_batches_are_one_global_stream_dealt_out_by_rank(tiny_tokenizer):
+    from conftest import random_tokenized_pairs
+
+    pairs = random_tokenized_pairs(10, 300)
+    rows = lambda stream, n: [next(stream).rows for _ in range(n)]  # noqa: E731
+    single = rows(micro_batches(pairs, 2, 7, 3, 0), 12)  # crosses an epoch boundary (5 per epoch)
+    rank0 = rows(micro_batches(pairs, 2, 7, 3, 0, world_size=2, rank=0), 6)
+    rank1 = rows(micro_batches(pairs, 2, 7, 3, 0, world_size=2, rank=1), 6)
+    assert rank0 == single[0::2] and rank1 == single[1::2]
+    three = [rows(micro_batches(pairs, 2, 7, 3, 0, world_size=3, rank=r), 4) for r in range(3)]
+    assert [three[i % 3][i // 3] for i in range(12)] == single  # another N: the same stream, re-dealt
+
+
+def test_two_ranks_step_equals_one_process_over_both_shards(tmp_path, tiny_model_dir, tiny_data):  # noqa: F811
+    """NF4 + LoRA + checkpointing, split step: DDP's averaged step is the single-process step over the union."""
+    common = dict(quant="nf4", max_steps=1, save_every=0, step="split", lora_dropout=0.0, eval_fraction=0.0,
+                  cpu_allocator="glibc", warmup_ratio=0.0, lr_scheduler="constant")
+    two = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="two", grad_accum=2, **common)
+    check(torchrun(tmp_path, two, tmp_path / "out-two"))
+    rank0 = load_file(str(tmp_path / "out-two" / "rank0-step1.safetensors"))
+    rank1 = load_file(str(tmp_path / "out-two" / "rank1-step1.safetensors"))
+    # Four backward passes per rank (two micro-batches of the split step), one gradient all-reduce.
+    assert int(rank0.pop("__allreduces")) == 1 and int(rank1.pop("__allreduces")) == 1
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # the same averaged gradient, bitwise
+
+    # One process, four micro-batches: exactly the micro-batches the two ranks took between them.
+    one = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="one", grad_accum=4, **common)
+    import qlora_orpo.step as step
+
+    models = []
+    real_init = step.OrpoStep.__init__
+
+    def capturing_init(self, model, *args, **kwargs):
+        models.append(model)
+        real_init(self, model, *args, **kwargs)
+
+    step.OrpoStep.__init__ = capturing_init
+    try:
+        run(one)
+    finally:
+        step.OrpoStep.__init__ = real_init
+    single = {n: p.detach() for n, p in models[-1].named_parameters() if p.requires_grad}
+    initial_b = [n for n in single if "lora_B" in n]
+    assert all(single[n].abs().max() > 0 for n in initial_b)  # the step moved the weights (B starts at 0)
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    # The run directory was written once, by rank 0: one record per step, one summary.
+    records = read_metrics(tmp_path / "runs" / "two" / "metrics.jsonl")
+    assert [r["split"] for r in records] == ["train", "summary"]
+    assert records[0]["loss"] == pytest.approx(read_metrics(tmp_path / "runs" / "one" / "metrics.jsonl")[0]["loss"],
+                                               rel=1e-5)  # the logged loss is averaged over the ranks
+    assert records[0]["tokens"] == read_metrics(tmp_path / "runs" / "one" / "metrics.jsonl")[0]["tokens"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "runs" / "one").iterdir())
+
+
+def test_resume_under_two_ranks_continues_with_the_same_losses(tmp_path, tiny_model_dir, tiny_data):  # noqa: F811
+    common = dict(max_steps=4, save_every=0, lora_dropout=0.1, eval_fraction=0.0, cpu_allocator="glibc")
+    full = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="full", **common)
+    check(torchrun(tmp_path, full, tmp_path / "out-full"))
+    cut = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="cut", **common)
+    check(torchrun(tmp_path, cut, tmp_path / "out-cut", "--stop-after", "2"), ok=False)  # torchrun: exit 1
+    run_dir = tmp_path / "runs" / "cut"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"  # Ctrl-C saved once
+    shutil.copytree(run_dir, tmp_path / "runs" / "cut-copy")
+    check(torchrun(tmp_path, cut, tmp_path / "out-resumed", "--resume"))
+    expected, resumed = train_losses(tmp_path / "runs" / "full"), train_losses(run_dir)
+    assert [s for s, _ in resumed] == [1, 2, 3, 4]
+    for (step, a), (_, b) in zip(expected, resumed, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"step {step}"
+    assert int(load_file(str(tmp_path / "out-full" / "rank0-step4.safetensors"))["__allreduces"]) == 4
+    resumed_weights = load_file(str(tmp_path / "out-resumed" / "rank1-step4.safetensors"))
+    assert int(resumed_weights["__allreduces"]) == 2  # steps 3 and 4 after the resume
+    for name, value in load_file(str(tmp_path / "out-full" / "rank1-step4.safetensors")).items():
+        if name.startswith("__"):
+            continue
+        torch.testing.assert_close(resumed_weights[name], value)
+
+    # Another number of ranks: the same checkpoint resumes in one process, re-sharded.
+    copy = dataclasses.replace(cut, run_name="cut-copy")
+    summary = run(copy, resume=True)
+    assert summary["steps"] == 4 and [s for s, _ in train_losses(tmp_path / "runs" / "cut-copy")] == [1, 2, 3, 4]
+
+
+def test_only_the_last_pass_of_an_optimizer_step_synchronises():
+    """Split step, two micro-batches: four backward passes, the last alone outside no_sync."""
+    from conftest import random_tokenized_pairs
+
+    from qlora_orpo.bench.tiny import build_tiny_llama
+    from qlora_orpo.collate import collate_pairs
+    from qlora_orpo.step import OrpoStep, SideForward
+
+    model = build_tiny_llama(vocab_size=300)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    inside: list[bool] = []  # per backward: was it under no_sync?
+    depth = [0]
+
+    class NoSync:
+        def __enter__(self):
+            depth[0] += 1
+
+        def __exit__(self, *exc):
+            depth[0] -= 1
+
+    def backward(loss):
+        inside.append(depth[0] > 0)
+        loss.backward()
+
+    step = OrpoStep(model, 0.5, "split", 5, backward=backward, forward=SideForward(model, 5), no_sync=NoSync)
+    batches = [collate_pairs(random_tokenized_pairs(2, 300, seed=s), 0) for s in range(2)]
+    for i, batch in enumerate(batches):
+        step(batch, loss_scale=0.5, sync_grads=i == len(batches) - 1)
+    assert inside == [True, True, True, False]
+    inside.clear()
+    OrpoStep(model, 0.5, "sequential", 5, backward=backward, no_sync=NoSync)(batches[0], sync_grads=False)
+    assert inside == [True]
+
+
+def test_accelerate_cpu_launcher_starting_one_process_is_refused(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate is not installed")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(REPO / "scripts" / "finetune.py"), "--device", "cpu",
+         "--cpu-allocator", "glibc", "--output-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "asked for 2 processes but started one non-distributed process" in result.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_fsdp2_on_a_cpu_mesh_shards_the_4bit_weights_and_matches_ddp(tmp_path, tiny_model_dir):  # noqa: F811
+    out = tmp_path / "fsdp"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "fsdp_worker.py"),
+         str(tiny_model_dir), str(out)], env=env, capture_output=True, text=True, timeout=300,
+    )
+    check(result)
+    shards = json.loads((out / "shards.json").read_text())
+    assert shards and all(local * 2 == full for local, full in shards.values())  # each rank holds half
+    tensors = load_file(str(out / "grads.safetensors"))
+    names = [k.removeprefix("ddp/") for k in tensors if k.startswith("ddp/")]
+    assert names and any(tensors[f"ddp/{n}"].abs().max() > 0 for n in names)
+    for name in names:
+        torch.testing.assert_close(tensors[f"fsdp2/{name}"], tensors[f"ddp/{name}"], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(tensors[f"after/{name}"], tensors[f"ddp_after/{name}"], rtol=1e-5, atol=1e-8)
+
+
+def test_on_paper_scaling_shards_memory_under_fsdp2_only():
+    from qlora_orpo.bench.scaling import LLAMA_70B, estimate
+
+    ddp = [estimate(LLAMA_70B, "ddp", g) for g in (1, 2, 4, 8)]
+    fsdp = [estimate(LLAMA_70B, "fsdp2", g) for g in (1, 2, 4, 8)]
+    assert len({e.memory_bytes for e in ddp}) == 1  # every rank holds the whole model
+    assert all(a.memory_bytes > b.memory_bytes for a, b in zip(fsdp, fsdp[1:], strict=False))
+    assert fsdp[1].memory_bytes < ddp[1].memory_bytes and fsdp[1].comm_s > ddp[1].comm_s
+    assert all(a.step_s > b.step_s for a, b in zip(ddp, ddp[1:], strict=False))
