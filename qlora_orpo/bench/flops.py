@@ -24,11 +24,11 @@ with grad costs ``2F + B``.
   ``F + 2 * (2F + B) = 5F + 2B``;
 * ``joint``, ``sequential`` and TRL's path: both sides with grad once: ``4F + 2B``.
 
-``roofline_seconds = step_flops / rate`` with ``rate`` the measured float32 matmul rate of
-the machine (:func:`qlora_orpo.dtype_probe.matmul_rate`): the time the step would take if
-every FLOP ran at that rate and nothing else cost anything. ``time / roofline`` then says how
-far the step is from its matmul bound; it is a lower bound only for float32 compute (a
-bfloat16 compute dtype can run the base's matmuls faster than the float32 rate).
+``roofline_seconds = step_flops / rate`` with ``rate`` the machine's measured matmul rate in
+the step's compute dtype (:func:`qlora_orpo.dtype_probe.matmul_rate`): the time the step
+would take if every FLOP ran at that rate and nothing else cost anything. ``time / roofline``
+then says how far the step is from its matmul bound (the LoRA matmuls run in float32, often
+slower than that rate, so the bound is optimistic for a bfloat16 step).
 """
 
 from __future__ import annotations

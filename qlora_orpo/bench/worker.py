@@ -142,7 +142,9 @@ def run_worker(spec: BenchSpec) -> dict[str, Any]:
     per_step = sum(timed) / len(timed)
     tokens = batch.chosen.num_tokens + batch.rejected.num_tokens
     flops = step_flops(shape, spec.max_length, 16, "all-linear", spec.method).total * batch.size
-    rate = matmul_rate(torch.float32) if device.type == "cpu" else float("nan")
+    # The roofline at the rate of the step's own compute dtype (bfloat16 runs 4x float32 on
+    # some CPUs; a float32 rate would put a bfloat16 step "above" its roofline).
+    rate = matmul_rate(info.compute_dtype) if device.type == "cpu" else float("nan")
     roofline = roofline_seconds(flops, rate) / batch.size if device.type == "cpu" else float("nan")
     row.update(
         device=str(device), threads=torch.get_num_threads(), quant=info.quant,
@@ -154,7 +156,7 @@ def run_worker(spec: BenchSpec) -> dict[str, Any]:
         floor_step_mib=floor.step_bytes / MIB, floor_resident_mib=floor.resident_bytes / MIB,
         floor_two_sequences_mib=two_sides.step_bytes / MIB, floor_steady_step_mib=floor.steady_step_bytes / MIB,
         floor_ratio=(peak - baseline) / (floor.step_bytes / MIB),
-        step_gflop=flops / 1e9, fp32_matmul_gflops=rate / 1e9, roofline_s=roofline,
+        step_gflop=flops / 1e9, matmul_gflops=rate / 1e9, roofline_s=roofline,
         roofline_ratio=(per_step / batch.size) / roofline,
         trainable_params=info.trainable_params, data_row=pair.row,
     )
