@@ -138,7 +138,11 @@ def run(
 
     dist = distributed.init(select_device(cfg.device))
     try:
-        return _train(cfg, resume, on_step_end, overrides, dist)
+        summary = _train(cfg, resume, on_step_end, overrides, dist)
+        # Every rank past its last collective before the group goes: tearing gloo down while
+        # another rank's work is in flight aborts that process ("terminate called ...").
+        dist.barrier()
+        return summary
     finally:
         dist.shutdown()
 

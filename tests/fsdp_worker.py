@@ -70,6 +70,7 @@ def main(model_dir: str, out: str) -> int:
         tensors |= {f"after/{n}": t for n, t in fsdp_after.items()} | {f"ddp_after/{n}": t for n, t in ddp_after.items()}
         save_file(tensors, os.path.join(out, "grads.safetensors"))
         Path(out, "shards.json").write_text(json.dumps(shards))
+    dist.barrier()  # no rank tears the group down while another's collectives are in flight
     dist.shutdown()
     return 0
 
