@@ -32,6 +32,18 @@ class ModelError(UserError):
     """A model or tokenizer that cannot be loaded or used for training."""
 
 
+class AdapterError(UserError):
+    """An adapter directory that is missing a file or holds one that cannot be read; names the file."""
+
+
+class AdapterMismatchError(AdapterError):
+    """The adapter was trained on another base; ``fields`` lists the fingerprint fields that differ."""
+
+    def __init__(self, message: str, fields: list[str] | None = None):
+        super().__init__(message)
+        self.fields = list(fields or [])
+
+
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss, a failed checkpoint write)."""
 

@@ -370,15 +370,10 @@ def _update(cfg, state, scaler, optimizer, scheduler, params, rows, data, run_di
 def save_final_adapter(
     model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None, evaluation: dict | None = None
 ) -> Path:
-    """The final adapter in peft format (with a card carrying the evaluation when ``adapters.py`` is available)."""
-    adapter_dir = run_dir / "adapter"
-    try:
-        from .adapters import save_adapter
-    except ImportError:
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
-        return adapter_dir
-    return save_adapter(model, tokenizer, cfg, adapter_dir, data=data, metrics=metrics, evaluation=evaluation)
+    """The final adapter in peft format, with a card carrying the base's fingerprint and the evaluation."""
+    from .adapters import save_adapter
+
+    return save_adapter(model, tokenizer, cfg, run_dir / "adapter", data=data, metrics=metrics, evaluation=evaluation)
 
 
 def _write_plots(run_dir: Path) -> None:

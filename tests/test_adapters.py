@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama, build_tokenizer
 
+from qlora_orpo import adapter_card
 from qlora_orpo import adapters as A
 from qlora_orpo.config import OrpoConfig
 from qlora_orpo.data import PreferenceData, PreferencePair
@@ -132,7 +133,7 @@ def test_embedded_base_is_named_by_its_hub_id_in_adapter_config(tmp_path, base_d
     ],
 )
 def test_base_hub_id(spec, path, expected):
-    assert A.base_hub_id(spec, path) == expected
+    assert adapter_card.base_hub_id(spec, path) == expected
 
 
 def test_saving_again_replaces_the_adapter_and_a_failed_save_keeps_the_old_one(tmp_path, base_dir, monkeypatch):
