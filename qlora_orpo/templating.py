@@ -26,7 +26,8 @@ Rules (each tested in ``tests/test_templating.py`` and, per model family, ``test
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -184,6 +185,15 @@ def _prompt_head_ids(tokenizer, messages: list[Message], prompt_text: str, fmt: 
     return _encode(tokenizer, head) if head and prompt_text.startswith(head) else []
 
 
+@contextlib.contextmanager
+def _template_errors_name(pair: PreferencePair) -> Iterator[None]:
+    """A chat-template error becomes a :class:`DataError` naming the pair's file, row and field."""
+    try:
+        yield
+    except _template_error_type() as exc:
+        raise DataError(pair.source, f"the chat template refused this prompt ({exc})", row=pair.row, field="prompt") from None
+
+
 def tokenize_pair(
     pair: PreferencePair, tokenizer, max_length: int, max_prompt_length: int, fmt: ChatFormat | None = None
 ) -> tuple[TokenizedPair | None, dict[str, int]]:
@@ -194,16 +204,13 @@ def tokenize_pair(
     """
     fmt = fmt or ChatFormat.of(tokenizer)
     messages = _template_messages(pair.prompt, fmt)
-    try:
+    with _template_errors_name(pair):
         prompt_text = render_prompt(tokenizer, messages, fmt)
         if fmt.templated:
             bodies = [_reply_text(tokenizer, messages, prompt_text, text, fmt) for text in (pair.chosen, pair.rejected)]
         else:
             separator = "" if len(messages) == 1 and messages[0]["role"] == "user" else " "
             bodies = [separator + text for text in (pair.chosen, pair.rejected)]
-        head_ids = _prompt_head_ids(tokenizer, messages, prompt_text, fmt)
-    except _template_error_type() as exc:
-        raise DataError(pair.source, f"the chat template refused this prompt ({exc})", row=pair.row, field="prompt") from None
     # The chat template writes its own special tokens as text; plain text gets the
     # tokenizer's usual BOS (if it has one).
     prompt_ids = _encode(tokenizer, prompt_text, add_special_tokens=not fmt.templated)
@@ -213,9 +220,11 @@ def tokenize_pair(
         "sequence_length": len(prompt_ids) + max(len(b) for b in body_ids) + len(fmt.end_ids),
         "truncated_prompt": 0,
         "truncated_response": 0,
-        "system_folded": int(len(messages) != len(pair.prompt)),
+        "system_folded": int(fmt.folds_system and any(m["role"] == "system" for m in pair.prompt)),
     }
     if len(prompt_ids) > max_prompt_length:
+        with _template_errors_name(pair):  # rendered only for the prompts that need cutting
+            head_ids = _prompt_head_ids(tokenizer, messages, prompt_text, fmt)
         keep = max_prompt_length - len(head_ids)
         if keep > 0:
             prompt_ids = head_ids + prompt_ids[len(prompt_ids) - keep :]
