@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from .adapters import load_adapter, read_adapter, resolve_base
-from .export import (
+from .export import log
+from .export_verify import (
     VERIFY_MAX_TOKENS,
     ExportError,
-    _logits,
     encode_texts,
-    log,
+    reference_logits,
     verification_texts,
 )
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
@@ -254,7 +254,7 @@ def export_gguf(
             texts, _ = verification_texts(info, tokenizer)
         ids = encode_texts(tokenizer, texts, max_tokens)
         with peft_model.disable_adapter():
-            base_logits = _logits(peft_model, ids)
+            base_logits = reference_logits(peft_model, ids)
     merged = peft_model.merge_and_unload(safe_merge=True).eval()
     name = f"{(info.card or {}).get('qlora_orpo', {}).get('base', {}).get('name') or Path(base_path).name} ORPO"
 

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .export import EPS, ROUNDING_FACTOR, ExportError, ExportVerificationError, _logits, tolerance
+from .export_verify import (
+    EPS,
+    ROUNDING_FACTOR,
+    ExportError,
+    ExportVerificationError,
+    reference_logits,
+    tolerance,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,7 +58,7 @@ def gguf_tolerance(quant: str, logit_scale: float) -> float:
 
     * ``f32``: the tensors are the merged weights bit for bit (the q/k permutation moves rows,
       it does not round), so only float32 summation order could differ:
-      :func:`qlora_orpo.export.tolerance` for float32 (``64 * eps32 * max|logit|``). Measured
+      :func:`qlora_orpo.export_verify.tolerance` for float32 (``64 * eps32 * max|logit|``). Measured
       exactly 0 on SmolLM2-135M with the shipped adapter and on the tiny test models.
     * ``f16``: every matrix is rounded once to float16, the perturbation the merged export's
       float16 tolerance covers (``8 * eps16 * max|logit|``, argued there): 0.38 at
@@ -161,7 +168,7 @@ def reference_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     spec = {"check_texts": check, "check_ids": [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in check],
             "ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens}
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    return {"spec": spec, "logits": _logits(model, ids), "greedy": _greedy(model, prompts, greedy_tokens), "tied": tied}
+    return {"spec": spec, "logits": reference_logits(model, ids), "greedy": _greedy(model, prompts, greedy_tokens), "tied": tied}
 
 
 def compare_read_back(path: Path, out: Path, quant: str, reference: dict[str, Any], base_logits: list[torch.Tensor],
