@@ -102,26 +102,13 @@ def generate_reply(
     settings: GenerationSettings | None = None,
 ) -> str:
     """The assistant's reply to ``messages`` (rendered with the chat template, generation prompt added)."""
-    from transformers import GenerationConfig
-
-    from .templating import render_prompt, stop_token_ids
+    from .templating import encode_prompt, generation_config
 
     settings = settings or GenerationSettings()
-    text = render_prompt(tokenizer, messages)  # chat template if the tokenizer has one, else plain turns
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    encoded = tokenizer(text, add_special_tokens=not templated, return_tensors="pt")
     device = next(model.parameters()).device
-    input_ids = encoded["input_ids"].to(device)
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=settings.sample,
-        temperature=settings.temperature if settings.sample else None,
-        top_p=settings.top_p if settings.sample else None,
-        # The template's end-of-turn (<|eot_id|>, <end_of_turn>, <|im_end|>…) and EOS: a chat
-        # model ends its turn with the former, which is often not the tokenizer's EOS.
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    input_ids = torch.tensor([encode_prompt(tokenizer, messages)], device=device)
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} if settings.sample else {}
+    config = generation_config(tokenizer, settings.max_new_tokens, **sampling)
     output = model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
     )

@@ -190,20 +190,12 @@ def generate_greedy(
     stops at the template's end-of-turn tokens or EOS. The model is put in eval mode and
     restored afterwards; the KV cache is asked for explicitly (training may have turned it off).
     """
-    from transformers import GenerationConfig
-
-    from .templating import ChatFormat, render_prompt, stop_token_ids
+    from .templating import ChatFormat, encode_prompt, generation_config
 
     fmt = ChatFormat.of(tokenizer)
-    stops = stop_token_ids(tokenizer, fmt)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [
-        tokenizer(render_prompt(tokenizer, list(p), fmt), add_special_tokens=not fmt.templated)["input_ids"]
-        for p in prompts
-    ]
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad, use_cache=True,
-    )
+    config = generation_config(tokenizer, max_new_tokens, fmt)
+    pad, stops = config.pad_token_id, config.eos_token_id
+    encoded = [encode_prompt(tokenizer, p, fmt) for p in prompts]
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     replies: dict[int, Reply] = {}

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -161,6 +161,26 @@ def stop_token_ids(tokenizer, fmt: ChatFormat | None = None) -> list[int]:
     special = special_token_ids(tokenizer)
     ids = [t for t in fmt.end_ids if t in special]
     return list(dict.fromkeys([*ids, tokenizer.eos_token_id]))
+
+
+def encode_prompt(tokenizer, messages: Sequence[Message], fmt: ChatFormat | None = None) -> list[int]:
+    """Token ids of :func:`render_prompt` (a chat template writes its own BOS; plain turns get the tokenizer's)."""
+    fmt = fmt or ChatFormat.of(tokenizer)
+    return list(_encode(tokenizer, render_prompt(tokenizer, messages, fmt), add_special_tokens=not fmt.templated))
+
+
+def generation_config(tokenizer, max_new_tokens: int, fmt: ChatFormat | None = None, **sampling: Any):
+    """A ``GenerationConfig`` that stops at the template's end-of-turn tokens or EOS.
+
+    A chat model ends its turn with the former (<|eot_id|>, <end_of_turn>, <|im_end|>...),
+    which is often not the tokenizer's EOS. Padding falls back to EOS when there is no pad token.
+    ``sampling``: ``do_sample``, ``temperature``, ``top_p`` ... (greedy when absent).
+    """
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, fmt),
+                            pad_token_id=pad, use_cache=True, **{"do_sample": False, **sampling})
 
 
 def _reply_text(tokenizer, messages: list[Message], prompt_text: str, reply: str, fmt: ChatFormat) -> str:
