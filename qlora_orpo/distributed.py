@@ -7,6 +7,11 @@ the per-side forward in ``DistributedDataParallel`` (or shards it with ``fully_s
 and says which rank writes files. Nothing here is a home-made collective algorithm: the
 gradient averaging is DDP's (or FSDP2's reduce-scatter).
 
+Under FSDP2 no rank holds the whole weights, so what reads them whole is collective and runs
+on every rank: checkpoints and the final adapter gather full state dicts
+(``sharded_state.py``; rank 0 writes them in the single-process format), and evaluation runs
+on every rank (``run_eval.py``). Under DDP rank 0 alone does both.
+
 Gradient synchronisation happens once per optimizer step: every forward+backward pass
 runs under ``no_sync`` except the last pass of the last micro-batch (the split step has two
 per micro-batch), whose backward all-reduces the accumulated gradients. DDP's bookkeeping
@@ -68,6 +73,17 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over several ranks: reading the weights whole is a collective (every rank takes part)."""
+        return self.enabled and self.sharding == "fsdp2"
+
+    def check_export(self, export: str) -> None:
+        """Refuse ``--export`` in a sharded run: merging needs the whole base in one process."""
+        if self.sharded and export != "none":
+            raise UserError(f"--export {export} cannot run inside a sharded (fsdp2) run; train with --export none, "
+                            f"then run `qlora-orpo export` on the run's adapter in one process")
 
     def seed_step(self, seed: int, step: int) -> None:
         """Seed dropout from (seed, rank, step) under several ranks.
@@ -191,11 +207,6 @@ def init(device: torch.device) -> Dist:
     sharding = sharding_from_env()
     if sharding == "fsdp2" and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("FSDP1 cannot flatten 4-bit weights with LoRA here; set fsdp_version: 2 in the accelerate config")
-    if sharding == "fsdp2":
-        # The sharded step is tested (tests/test_distributed.py); the loop's checkpoints and
-        # evaluation still read the LoRA weights unsharded, which FSDP2's DTensors are not.
-        raise UserError("fsdp2: scripts/finetune.py does not shard yet (its checkpoints need full-state-dict "
-                        "gathering); run data-parallel (torchrun, or accelerate launch --multi_gpu) instead")
     dist = Dist(world_size, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), sharding)
     if not dist.enabled or torch.distributed.is_initialized():
         return dist
@@ -221,6 +232,13 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.parallel.Distributed
     return nn.parallel.DistributedDataParallel(
         module, device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=False
     )
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``tensor``'s whole value: ``clip_grad_norm_`` over FSDP2's DTensor gradients returns a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
