@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +67,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     sharding: str = "ddp"
+    _sigint: bool = field(default=False, init=False, repr=False)  # Ctrl-C held by interrupts_at_micro_batch_ends
 
     @property
     def enabled(self) -> bool:
@@ -82,8 +85,9 @@ class Dist:
     def check_export(self, export: str) -> None:
         """Refuse ``--export`` in a sharded run: merging needs the whole base in one process."""
         if self.sharded and export != "none":
-            raise UserError(f"--export {export} cannot run inside a sharded (fsdp2) run; train with --export none, "
-                            f"then run `qlora-orpo export` on the run's adapter in one process")
+            raise UserError(f"--export {export}: merging needs the whole base in one process, which a sharded "
+                            f"(fsdp2) run has nowhere; train with --export none, then run `qlora-orpo export "
+                            f"--adapter RUN_DIR/adapter --out OUT --format {export}`")
 
     def seed_step(self, seed: int, step: int) -> None:
         """Seed dropout from (seed, rank, step) under several ranks.
@@ -100,6 +104,33 @@ class Dist:
             return tokens, means
         totals = self.sum_values({**means, "__tokens": float(tokens)})
         return int(totals.pop("__tokens")), {k: v / self.world_size for k, v in totals.items()}
+
+    @contextlib.contextmanager
+    def interrupts_at_micro_batch_ends(self) -> Iterator[None]:
+        """Under FSDP2, hold Ctrl-C until :meth:`interrupted`, where every rank stops at the same point.
+
+        Each FSDP2 forward and backward is a collective (each layer's weights are gathered
+        from every rank), and so is the checkpoint that an interrupt saves. torchrun hands
+        SIGINT to each rank at its own moment; a rank that stopped where the signal landed
+        would leave the others waiting in a collective it never joins. Here the signal only
+        sets a flag. Under DDP and in one process Ctrl-C raises where it lands, as before.
+        """
+        if not self.sharded or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def hold(signum: int, frame: object) -> None:
+            self._sigint = True
+
+        previous = signal.signal(signal.SIGINT, hold)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def interrupted(self) -> bool:
+        """Whether any rank holds a Ctrl-C (a small all-reduce under FSDP2; False otherwise)."""
+        return self.sharded and bool(self.sum_values({"sigint": float(self._sigint)})["sigint"] > 0)
 
     # -- collectives (no-ops in a single process) ---------------------------------------------
 

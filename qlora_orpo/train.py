@@ -139,7 +139,8 @@ def run(
 
     dist = distributed.init(select_device(cfg.device))
     try:
-        summary = _train(cfg, resume, on_step_end, overrides, dist)
+        with dist.interrupts_at_micro_batch_ends():  # FSDP2: see _train's loop
+            summary = _train(cfg, resume, on_step_end, overrides, dist)
         # Every rank past its last collective before the group goes: tearing gloo down while
         # another rank's work is in flight aborts that process ("terminate called ...").
         dist.barrier()
@@ -262,6 +263,8 @@ def _train(
             dist.seed_step(cfg.seed, state.step)
             for i in range(cfg.grad_accum):
                 out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum, sync_grads=i == cfg.grad_accum - 1)
+                if dist.interrupted():  # FSDP2: Ctrl-C on any rank stops every rank here, together
+                    raise KeyboardInterrupt
                 if not torch.isfinite(out.loss):  # one sync per micro-batch: a NaN must not reach the weights
                     raise TrainingError(
                         f"non-finite loss ({float(out.loss)}) at step {state.step + 1}, pair rows {out.rows} of "
