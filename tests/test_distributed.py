@@ -311,6 +311,15 @@ def test_fsdp2_ctrl_c_stops_every_rank_together_and_the_resume_gives_the_same_lo
         torch.testing.assert_close(load_file(str(tmp_path / "out-resumed" / "rank1-step10.safetensors"))[name], value)
 
 
+def test_fsdp2_refuses_export_before_writing_anything(tmp_path, tiny_model_dir, tiny_data):  # noqa: F811
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, quant="nf4", export="gguf", cpu_allocator="glibc")
+    result = torchrun(tmp_path, cfg, tmp_path / "out", sharding="fsdp2")
+    check(result, ok=False)
+    assert "--export gguf: merging needs the whole base in one process" in result.stderr
+    assert "qlora-orpo export --adapter RUN_DIR/adapter --out OUT --format gguf" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_on_paper_scaling_shards_memory_under_fsdp2_only():
     from qlora_orpo.bench.scaling import LLAMA_70B, estimate
 
