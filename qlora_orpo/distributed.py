@@ -89,6 +89,17 @@ class Dist:
                             f"(fsdp2) run has nowhere; train with --export none, then run `qlora-orpo export "
                             f"--adapter RUN_DIR/adapter --out OUT --format {export}`")
 
+    def check_loss_scaling(self, enabled: bool) -> None:
+        """Refuse float16 loss scaling in a sharded run: untested there, and its overflow check must see every shard.
+
+        ``GradScaler`` skips a step when a gradient overflowed; under FSDP2 each rank holds a
+        slice of the gradients, and a step skipped on some ranks only would split the weights.
+        FSDP1 needed a ``ShardedGradScaler`` (an all-reduce of the overflow flag) for this.
+        """
+        if self.sharded and enabled:
+            raise UserError("fsdp2 with float16 compute: loss scaling is not supported in a sharded run; use "
+                            "--compute-dtype bfloat16 (Ampere or newer GPUs) or data-parallel (DDP)")
+
     def seed_step(self, seed: int, step: int) -> None:
         """Seed dropout from (seed, rank, step) under several ranks.
 

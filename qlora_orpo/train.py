@@ -223,6 +223,7 @@ def _train(
     )
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
+    dist.check_loss_scaling(scaler.is_enabled())
     chooser = step_chooser(cfg, model, device) if cfg.step == "auto" else None
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
@@ -232,10 +233,8 @@ def _train(
 
     def save(rng: RngSnapshot | None = None) -> Path | None:
         full = sharded.full_state(optimizer) if sharded is not None else None  # a collective: every rank
-        if not dist.is_main:
-            return None
         return save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit, rng=rng,
-                               full=full)
+                               full=full) if dist.is_main else None
 
     # Before/periodic/after evaluations, health checks and best-checkpoint selection: run_eval.py.
     # Under DDP the weights are equal on every rank and rank 0 alone evaluates; under FSDP2 all do.

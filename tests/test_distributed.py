@@ -320,6 +320,17 @@ def test_fsdp2_refuses_export_before_writing_anything(tmp_path, tiny_model_dir, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_float16_loss_scaling_is_refused_when_sharded_only():
+    from qlora_orpo.distributed import Dist
+    from qlora_orpo.errors import UserError
+
+    with pytest.raises(UserError, match="use --compute-dtype bfloat16"):
+        Dist(world_size=2, sharding="fsdp2").check_loss_scaling(True)
+    Dist(world_size=2, sharding="fsdp2").check_loss_scaling(False)
+    Dist(world_size=2, sharding="ddp").check_loss_scaling(True)
+    Dist(world_size=1, sharding="fsdp2").check_loss_scaling(True)  # one process: nothing is sharded
+
+
 def test_on_paper_scaling_shards_memory_under_fsdp2_only():
     from qlora_orpo.bench.scaling import LLAMA_70B, estimate
 
