@@ -145,6 +145,19 @@ class Dist:
 
     # -- collectives (no-ops in a single process) ---------------------------------------------
 
+    def agree_on_step_mode(self, mode: str) -> str:
+        """The step mode every rank runs under FSDP2: the leanest any rank chose (``--step auto``).
+
+        Ranks choose per micro-batch from their own batch's length; the modes run different
+        numbers of forward and backward passes, and under FSDP2 each pass is a collective.
+        """
+        if not self.sharded:
+            return mode
+        order = ("split", "sequential", "joint")  # by peak memory
+        choice = torch.tensor([order.index(mode)], dtype=torch.long, device=_collective_device())
+        torch.distributed.all_reduce(choice, op=torch.distributed.ReduceOp.MIN)
+        return order[int(choice.item())]
+
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()

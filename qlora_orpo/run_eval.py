@@ -66,6 +66,7 @@ class RunEvaluator:
             self.model, self.pairs, self.tokenizer.pad_token_id, self.device, cfg.eval_batch_size,
             cfg.logits_chunk_size, cfg.nll_over_prompt, pad_to_multiple_of=cfg.pad_to_multiple_of,
             forward=self.sharded.root if self.sharded is not None else None,  # through FSDP2's hooks
+            progress=self.writes,  # one progress bar, rank 0's
         )
 
     def _health(self) -> HealthResult | None:

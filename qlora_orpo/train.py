@@ -224,7 +224,7 @@ def _train(
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
     dist.check_loss_scaling(scaler.is_enabled())
-    chooser = step_chooser(cfg, model, device) if cfg.step == "auto" else None
+    chooser = step_chooser(cfg, model, device, dist.agree_on_step_mode) if cfg.step == "auto" else None
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
@@ -345,8 +345,8 @@ def _train(
     return summary
 
 
-def step_chooser(cfg: OrpoConfig, model, device: torch.device):
-    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget."""
+def step_chooser(cfg: OrpoConfig, model, device: torch.device, agree: Callable[[str], str] | None = None):
+    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget (``agree``: FSDP2's)."""
     from .bench.floor import ModelShape
     from .step_choice import MIB, StepChooser, available_memory_bytes
 
@@ -354,7 +354,7 @@ def step_chooser(cfg: OrpoConfig, model, device: torch.device):
     return StepChooser(
         shape=ModelShape.from_config(model.get_base_model().config), budget_bytes=budget, lora_r=cfg.lora_r,
         lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
-        activation_bytes=model.get_input_embeddings().weight.element_size(),
+        activation_bytes=model.get_input_embeddings().weight.element_size(), agree=agree,
     )
 
 

@@ -237,12 +237,24 @@ def test_fsdp2_run_writes_what_ddp_writes_and_its_checkpoints_resume_in_one_proc
     tmp_path, tiny_model_dir, tiny_data  # noqa: F811
 ):
     """finetune's loop sharded on 2 ranks: checkpoints, evaluation with health and selection, the adapter."""
+    # Every other pair's chosen reply long: under a 2 MiB budget --step auto picks split for a
+    # micro-batch holding one and sequential for one that does not, and in step 1 rank 0 draws
+    # only short pairs while rank 1 draws a long one. Under FSDP2 they must run the same passes.
+    data = tmp_path / "varied.jsonl"
+    rows = [json.loads(line) for line in tiny_data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "chosen": r["chosen"] + " hello world" * 8 * (i % 2)}) + "\n"
+                            for i, r in enumerate(rows)))
     common = dict(quant="nf4", max_steps=2, save_every=1, eval_every=1, select_best=True, health_prompts=2,
                   health_max_new_tokens=8, lora_dropout=0.0, cpu_allocator="glibc", lr_scheduler="constant",
-                  warmup_ratio=0.0)
-    configs = {s: tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name=s, **common) for s in ("ddp", "fsdp2")}
+                  warmup_ratio=0.0, step="auto", memory_budget_mib=2)
+    configs = {s: tiny_config(tmp_path, tiny_model_dir, data, run_name=s, **common) for s in ("ddp", "fsdp2")}
+    output = {}
     for sharding, cfg in configs.items():
-        check(torchrun(tmp_path, cfg, tmp_path / f"out-{sharding}", sharding=sharding))
+        result = torchrun(tmp_path, cfg, tmp_path / f"out-{sharding}", sharding=sharding)
+        check(result)
+        output[sharding] = result.stdout + result.stderr
+    assert "step auto (budget 2 MiB): sequential 1, split 3" in output["ddp"]  # rank 0's own choices
+    assert "step auto (budget 2 MiB): split 4" in output["fsdp2"]  # agreed with rank 1's
     ddp, fsdp = tmp_path / "runs" / "ddp", tmp_path / "runs" / "fsdp2"
     assert files_under(fsdp) == files_under(ddp)
     assert (fsdp / "best" / "best.json").is_file() and (fsdp / "evaluation.json").is_file()
