@@ -10,7 +10,8 @@ gradient averaging is DDP's (or FSDP2's reduce-scatter).
 Under FSDP2 no rank holds the whole weights, so what reads them whole is collective and runs
 on every rank: checkpoints and the final adapter gather full state dicts
 (``sharded_state.py``; rank 0 writes them in the single-process format), and evaluation runs
-on every rank (``run_eval.py``). Under DDP rank 0 alone does both.
+on every rank (``run_eval.py``). Under DDP rank 0 alone does both. Every rank must also run
+the same passes: ``--step auto``'s per-micro-batch choice and a Ctrl-C are agreed first.
 
 Gradient synchronisation happens once per optimizer step: every forward+backward pass
 runs under ``no_sync`` except the last pass of the last micro-batch (the split step has two
