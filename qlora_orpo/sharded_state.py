@@ -81,6 +81,8 @@ class ShardedModel:
         FSDP2 gathers them in the root's forward hook; code that calls the model without
         going through the root (``generate``, the base fingerprint) needs them gathered by
         hand. The decoder layers still gather themselves one at a time in their own hooks.
+        FSDP2 takes the first module to run a forward as its root, so a forward through
+        ``root`` must come first (training's, or the evaluation's scores, which precede health).
         """
         self.root.unshard()
         try:
