@@ -152,8 +152,12 @@ def save_adapter(
     data: PreferenceData | None = None,
     metrics: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model``'s adapter as a self-describing directory; returns ``adapter_dir``.
+
+    ``state_dict``: the weights to write instead of the model's own, keyed as its
+    ``state_dict()`` (a sharded model's, gathered whole: ``sharded_state.py``).
 
     The files are written into a temporary sibling directory and renamed into place, so
     ``adapter_dir`` is never half written (a previous adapter there is replaced only once the
@@ -167,7 +171,10 @@ def save_adapter(
     tmp = make_temp_dir(target)
     try:
         with quiet_checkpointing_renames():
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            if state_dict is None:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         config_path = tmp / CONFIG_FILE
         peft_config = json.loads(config_path.read_text())
         if meta.get("base_model"):

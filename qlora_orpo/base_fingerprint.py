@@ -51,7 +51,9 @@ def fingerprint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> d
         # tensor, so that a card written from a bfloat16 training model matches float32 loads.
         stored = _checkpoint_tensor(base, weight)
         weight = weight if stored is None else stored
-    embeddings = weight.to(device="cpu", dtype=torch.float32).contiguous()
+    # A copy: numpy() makes a tensor's storage non-resizable for good, and FSDP2 frees the
+    # embeddings it gathered (a sharded run's fingerprint) by resizing their storage to 0.
+    embeddings = weight.to(device="cpu", dtype=torch.float32, copy=True).contiguous()
     digest = hashlib.sha256(f"{tuple(embeddings.shape)}".encode())
     digest.update(embeddings.numpy().tobytes())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False, separators=(",", ":"))

@@ -30,13 +30,16 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import TrainingError
 from .metrics import read_metrics  # noqa: F401  (its old home; tests and scripts import it from here)
+
+if TYPE_CHECKING:
+    from .sharded_state import FullState, ShardedModel
 
 
 def fsync_dir(path: Path) -> None:
@@ -185,11 +188,14 @@ def save_checkpoint(
     state: TrainState,
     keep: int = 2,
     rng: RngSnapshot | None = None,
+    full: FullState | None = None,
 ) -> Path:
     """Write a complete checkpoint for ``state.step``, point ``latest`` at it, keep the newest ``keep``.
 
     ``rng`` is the RNG state to restore on resume (default: now); an interrupted step passes
-    the snapshot of the last completed step's end. Raises :class:`TrainingError` (naming the
+    the snapshot of the last completed step's end. ``full``: the whole LoRA weights and
+    optimizer state of a sharded (FSDP2) model, gathered by every rank
+    (``sharded_state.ShardedModel.full_state``), written in the same format. Raises :class:`TrainingError` (naming the
     last good checkpoint) if the write fails, for example on a full disk; the partial
     directory is removed.
     """
@@ -201,8 +207,11 @@ def save_checkpoint(
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        if full is None:
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        else:  # peft keeps the adapter's entries of the gathered state dict, as it does of the model's own
+            model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=full.trainable)
+        tensors, meta = _flatten_optimizer(optimizer.state_dict() if full is None else full.optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng.tensors, str(tmp / "rng.safetensors"))
         payload = {
@@ -242,8 +251,12 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    sharded: ShardedModel | None = None,
 ) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return the train state."""
+    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return the train state.
+
+    ``sharded``: the model is FSDP2-sharded; every rank calls this and keeps its slices.
+    """
     from peft import set_peft_model_state_dict
 
     try:
@@ -253,11 +266,18 @@ def load_checkpoint(
         rng = load_file(str(path / "rng.safetensors"))
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{path}: cannot read checkpoint ({exc})") from exc
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in adapter.items()})
-    if getattr(result, "unexpected_keys", None):
-        raise TrainingError(f"{path}: adapter weights do not fit this model ({result.unexpected_keys[:3]})")
-    optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, payload["optimizer"]))
+    if sharded is not None:
+        try:
+            sharded.load_adapter_state(adapter)
+        except KeyError as exc:
+            raise TrainingError(f"{path}: adapter weights do not fit this model ({exc.args[0]})") from exc
+        sharded.load_optimizer_state(optimizer, _unflatten_optimizer(optimizer_tensors, payload["optimizer"]))
+    else:
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in adapter.items()})
+        if getattr(result, "unexpected_keys", None):
+            raise TrainingError(f"{path}: adapter weights do not fit this model ({result.unexpected_keys[:3]})")
+        optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, payload["optimizer"]))
     scheduler.load_state_dict(payload["scheduler"])
     _restore_rng(rng, payload["python_random"])
     return TrainState(**payload["train_state"])

@@ -7,6 +7,12 @@ the per-side forward in ``DistributedDataParallel`` (or shards it with ``fully_s
 and says which rank writes files. Nothing here is a home-made collective algorithm: the
 gradient averaging is DDP's (or FSDP2's reduce-scatter).
 
+Under FSDP2 no rank holds the whole weights, so what reads them whole is collective and runs
+on every rank: checkpoints and the final adapter gather full state dicts
+(``sharded_state.py``; rank 0 writes them in the single-process format), and evaluation runs
+on every rank (``run_eval.py``). Under DDP rank 0 alone does both. Every rank must also run
+the same passes: ``--step auto``'s per-micro-batch choice and a Ctrl-C are agreed first.
+
 Gradient synchronisation happens once per optimizer step: every forward+backward pass
 runs under ``no_sync`` except the last pass of the last micro-batch (the split step has two
 per micro-batch), whose backward all-reduces the accumulated gradients. DDP's bookkeeping
@@ -18,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +68,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     sharding: str = "ddp"
+    _sigint: bool = field(default=False, init=False, repr=False)  # Ctrl-C held by interrupts_at_micro_batch_ends
 
     @property
     def enabled(self) -> bool:
@@ -68,6 +77,29 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over several ranks: reading the weights whole is a collective (every rank takes part)."""
+        return self.enabled and self.sharding == "fsdp2"
+
+    def check_export(self, export: str) -> None:
+        """Refuse ``--export`` in a sharded run: merging needs the whole base in one process."""
+        if self.sharded and export != "none":
+            raise UserError(f"--export {export}: merging needs the whole base in one process, which a sharded "
+                            f"(fsdp2) run has nowhere; train with --export none, then run `qlora-orpo export "
+                            f"--adapter RUN_DIR/adapter --out OUT --format {export}`")
+
+    def check_loss_scaling(self, enabled: bool) -> None:
+        """Refuse float16 loss scaling in a sharded run: untested there, and its overflow check must see every shard.
+
+        ``GradScaler`` skips a step when a gradient overflowed; under FSDP2 each rank holds a
+        slice of the gradients, and a step skipped on some ranks only would split the weights.
+        FSDP1 needed a ``ShardedGradScaler`` (an all-reduce of the overflow flag) for this.
+        """
+        if self.sharded and enabled:
+            raise UserError("fsdp2 with float16 compute: loss scaling is not supported in a sharded run; use "
+                            "--compute-dtype bfloat16 (Ampere or newer GPUs) or data-parallel (DDP)")
 
     def seed_step(self, seed: int, step: int) -> None:
         """Seed dropout from (seed, rank, step) under several ranks.
@@ -85,7 +117,47 @@ class Dist:
         totals = self.sum_values({**means, "__tokens": float(tokens)})
         return int(totals.pop("__tokens")), {k: v / self.world_size for k, v in totals.items()}
 
+    @contextlib.contextmanager
+    def interrupts_at_micro_batch_ends(self) -> Iterator[None]:
+        """Under FSDP2, hold Ctrl-C until :meth:`interrupted`, where every rank stops at the same point.
+
+        Each FSDP2 forward and backward is a collective (each layer's weights are gathered
+        from every rank), and so is the checkpoint that an interrupt saves. torchrun hands
+        SIGINT to each rank at its own moment; a rank that stopped where the signal landed
+        would leave the others waiting in a collective it never joins. Here the signal only
+        sets a flag. Under DDP and in one process Ctrl-C raises where it lands, as before.
+        """
+        if not self.sharded or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def hold(signum: int, frame: object) -> None:
+            self._sigint = True
+
+        previous = signal.signal(signal.SIGINT, hold)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def interrupted(self) -> bool:
+        """Whether any rank holds a Ctrl-C (a small all-reduce under FSDP2; False otherwise)."""
+        return self.sharded and bool(self.sum_values({"sigint": float(self._sigint)})["sigint"] > 0)
+
     # -- collectives (no-ops in a single process) ---------------------------------------------
+
+    def agree_on_step_mode(self, mode: str) -> str:
+        """The step mode every rank runs under FSDP2: the leanest any rank chose (``--step auto``).
+
+        Ranks choose per micro-batch from their own batch's length; the modes run different
+        numbers of forward and backward passes, and under FSDP2 each pass is a collective.
+        """
+        if not self.sharded:
+            return mode
+        order = ("split", "sequential", "joint")  # by peak memory
+        choice = torch.tensor([order.index(mode)], dtype=torch.long, device=_collective_device())
+        torch.distributed.all_reduce(choice, op=torch.distributed.ReduceOp.MIN)
+        return order[int(choice.item())]
 
     def barrier(self) -> None:
         if self.enabled:
@@ -191,11 +263,6 @@ def init(device: torch.device) -> Dist:
     sharding = sharding_from_env()
     if sharding == "fsdp2" and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("FSDP1 cannot flatten 4-bit weights with LoRA here; set fsdp_version: 2 in the accelerate config")
-    if sharding == "fsdp2":
-        # The sharded step is tested (tests/test_distributed.py); the loop's checkpoints and
-        # evaluation still read the LoRA weights unsharded, which FSDP2's DTensors are not.
-        raise UserError("fsdp2: scripts/finetune.py does not shard yet (its checkpoints need full-state-dict "
-                        "gathering); run data-parallel (torchrun, or accelerate launch --multi_gpu) instead")
     dist = Dist(world_size, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), sharding)
     if not dist.enabled or torch.distributed.is_initialized():
         return dist
@@ -221,6 +288,13 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.parallel.Distributed
     return nn.parallel.DistributedDataParallel(
         module, device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=False
     )
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``tensor``'s whole value: ``clip_grad_norm_`` over FSDP2's DTensor gradients returns a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:

@@ -20,7 +20,7 @@ The base is loaded once: its numbers come from the same model with the adapter s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .collate import TokenizedPair, collate_pairs
+from .collate import SideBatch, TokenizedPair, collate_pairs
 from .config import OrpoConfig
 from .errors import UserError
 from .loss import log_odds
@@ -65,8 +65,19 @@ def score_pairs(
     nll_over_prompt: bool = False,
     progress: bool = True,
     pad_to_multiple_of: int = 1,
+    forward: Callable[[SideBatch], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> PairScores:
-    """Forward every pair without gradients, longest first (little padding); scores come back in ``pairs`` order."""
+    """Forward every pair without gradients, longest first (little padding); scores come back in ``pairs`` order.
+
+    ``forward``: a ``step.SideForward`` of ``model`` with the same settings to call instead
+    (FSDP2 gathers the weights only in the hooks of the module it sharded, that one).
+    """
+
+    def plain(side: SideBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = forward_logps(model, side, chunk_size, nll_over_prompt)
+        return out.logps, out.nll
+
+    forward = plain if forward is None else forward
     was_training = model.training
     model.eval()  # dropout off; model.py has disabled bitsandbytes' CPU repacking
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
@@ -77,11 +88,11 @@ def score_pairs(
         for start in tqdm(batches, desc="evaluating", disable=not progress or None, leave=False, unit="batch"):
             batch_pairs = [pairs[i] for i in order[start : start + batch_size]]
             batch = collate_pairs(batch_pairs, pad_token_id, pad_to_multiple_of).to(device)
-            chosen = forward_logps(model, batch.chosen, chunk_size, nll_over_prompt)
-            rejected = forward_logps(model, batch.rejected, chunk_size, nll_over_prompt)
-            chosen_logps.append(chosen.logps.double().cpu())
-            rejected_logps.append(rejected.logps.double().cpu())
-            chosen_nll.append(chosen.nll.double().cpu())
+            chosen, chosen_side_nll = forward(batch.chosen)
+            rejected, _ = forward(batch.rejected)
+            chosen_logps.append(chosen.double().cpu())
+            rejected_logps.append(rejected.double().cpu())
+            chosen_nll.append(chosen_side_nll.double().cpu())
     finally:
         model.train(was_training)
     inverse = torch.empty(len(order), dtype=torch.long)

@@ -183,12 +183,16 @@ def generate_greedy(
     prompts: Sequence[Sequence[Message]],
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    synced: bool = False,
 ) -> list[Reply]:
     """Greedy replies to ``prompts`` (chat template, generation prompt), in order.
 
     Batched with left padding (prompts sorted by length so a batch pads little); generation
     stops at the template's end-of-turn tokens or EOS. The model is put in eval mode and
     restored afterwards; the KV cache is asked for explicitly (training may have turned it off).
+    ``synced``: every rank of a sharded (FSDP2) model calls this; each forward is a collective,
+    so a rank whose replies all ended keeps stepping until every rank's have (transformers'
+    ``synced_gpus``) rather than leaving the others waiting.
     """
     from .templating import ChatFormat, encode_prompt, generation_config
 
@@ -209,7 +213,8 @@ def generate_greedy(
             input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + list(encoded[i]) for i in rows])
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                synced_gpus=True if synced else None,  # None: transformers decides, as before
             )
             for row, generated in zip(rows, output[:, width:].tolist(), strict=True):
                 ids, ended = split_reply(generated, stops)
@@ -225,9 +230,10 @@ def generation_health(
     prompts: Sequence[Sequence[Message]],
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    synced: bool = False,
 ) -> HealthResult:
     """Greedy replies to ``prompts`` and their health figures (see the module docstring)."""
-    replies = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    replies = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, synced)
     shown = [next((m["content"] for m in reversed(p) if m["role"] == "user"), "") for p in prompts]
     return HealthResult(summarise_replies(replies), shown, replies)
 

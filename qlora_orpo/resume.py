@@ -88,9 +88,12 @@ def check_data_fingerprint(recorded: str, current: str, source: str, checkpoint:
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold SIGINT for the duration of the block; raise :class:`KeyboardInterrupt` after it if one came.
+    """Hold SIGINT for the duration of the block; after it, hand one that came to the handler in place before.
 
-    Only the main thread can install signal handlers; elsewhere the block runs unprotected.
+    That handler is Python's (raise :class:`KeyboardInterrupt`) unless an outer block holds
+    SIGINT itself (``distributed.Dist.interrupts_at_micro_batch_ends`` under FSDP2); any other
+    setting also gets KeyboardInterrupt. Only the main thread can install signal handlers;
+    elsewhere the block runs unprotected.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -101,5 +104,7 @@ def deferred_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
+    if received and callable(previous):
+        previous(signal.SIGINT, None)
+    elif received:
         raise KeyboardInterrupt

@@ -7,14 +7,20 @@ adapter are compared on every held-out pair with paired intervals and on the hea
 the markdown table is printed, and ``evaluation.json`` / ``evaluation.md`` land in the run
 directory. The base's figures come from the ``before`` evaluation (a fresh LoRA adapter is the
 identity), or, in a resumed run, from the same model with the adapter switched off.
+
+Under DDP rank 0 alone evaluates (every rank holds the whole weights). Under FSDP2 a forward
+gathers each layer's weights from every rank, so every rank runs the same evaluation (the
+same pairs and prompts, generation kept in step across ranks) and rank 0 alone logs and
+writes (``writes``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +33,9 @@ from .metrics import MetricsLogger
 from .report import markdown_report
 from .selection import BestCheckpoint
 
+if TYPE_CHECKING:
+    from .sharded_state import ShardedModel
+
 
 class RunEvaluator:
     """Held-out pairs and health prompts of one run, and what has been measured on them so far."""
@@ -35,8 +44,10 @@ class RunEvaluator:
         self, model: torch.nn.Module, tokenizer, cfg: OrpoConfig, eval_tok: Sequence[TokenizedPair],
         held_out: Sequence[Any], device: torch.device, run_dir: Path, metrics_log: MetricsLogger,
         log: Callable[[str], None], source: str = "", resumed_step: int = 0,
+        sharded: ShardedModel | None = None, writes: bool = True,
     ):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+        self.sharded, self.writes = sharded, writes
         self.pairs = list(eval_tok)
         self.run_dir, self.metrics_log, self.log = Path(run_dir), metrics_log, log
         self.where = {"data": source, "held_out": len(held_out), "evaluated": len(self.pairs)}
@@ -54,13 +65,17 @@ class RunEvaluator:
         return score_pairs(
             self.model, self.pairs, self.tokenizer.pad_token_id, self.device, cfg.eval_batch_size,
             cfg.logits_chunk_size, cfg.nll_over_prompt, pad_to_multiple_of=cfg.pad_to_multiple_of,
+            forward=self.sharded.root if self.sharded is not None else None,  # through FSDP2's hooks
+            progress=self.writes,  # one progress bar, rank 0's
         )
 
     def _health(self) -> HealthResult | None:
         if not self.prompts:
             return None
-        return generation_health(self.model, self.tokenizer, self.prompts, self.cfg.health_max_new_tokens,
-                                 self.cfg.eval_batch_size)
+        # generate() calls the model, not the sharded root: the root's weights are gathered by hand.
+        with self.sharded.full_root() if self.sharded is not None else contextlib.nullcontext():
+            return generation_health(self.model, self.tokenizer, self.prompts, self.cfg.health_max_new_tokens,
+                                     self.cfg.eval_batch_size, synced=self.sharded is not None)
 
     def _base(self) -> tuple[PairScores, HealthResult | None]:
         """The base's scores and health: remembered from ``before``, else measured with the adapter off."""
@@ -109,7 +124,7 @@ class RunEvaluator:
     def _consider(self, step: int, metrics: dict[str, float], health: HealthResult | None) -> None:
         _, base_health = self._base()
         kept, why = self.best.consider(self.model, step, metrics, health and health.metrics,
-                                       base_health and base_health.metrics)
+                                       base_health and base_health.metrics, self.sharded)
         self.log(f"select_best: {why}")
 
     def finish(self, step: int) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
@@ -128,7 +143,7 @@ class RunEvaluator:
                 self.log("select_best: no evaluated checkpoint passed the health gate; shipping the last step's")
             elif self.best.step != step:
                 self._record("last", step, metrics, health)
-                selected = self.best.restore(self.model)
+                selected = self.best.restore(self.model, self.sharded)
                 self.log(f"select_best: shipping step {selected}'s adapter (lowest held-out loss among healthy "
                          f"checkpoints), not the last step's")
                 scores = self._scores()
@@ -147,6 +162,8 @@ class RunEvaluator:
         }
         report = markdown_report(result)
         self.log("\n" + report)
+        if not self.writes:
+            return metrics, result
         atomic_write_text(self.run_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
         atomic_write_text(self.run_dir / "evaluation.md", report + "\n")
         return metrics, result

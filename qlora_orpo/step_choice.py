@@ -9,6 +9,7 @@ overhead factor, with the budget: ``sequential`` when both sides fit, else ``spl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class StepChooser:
     lora_targets: str
     chunk_size: int
     activation_bytes: int
+    # Under FSDP2 every rank must run the same passes (each one gathers weights from all ranks):
+    # the mode the ranks agree on (distributed.Dist.agree_on_step_mode); None: this rank's own.
+    agree: Callable[[str], str] | None = None
 
     def __post_init__(self) -> None:
         self.counts: dict[str, int] = {"sequential": 0, "split": 0}
@@ -62,6 +66,8 @@ class StepChooser:
         rows = batch.size
         length = max(batch.chosen.input_ids.shape[1], batch.rejected.input_ids.shape[1])
         mode = "sequential" if self.predicted_bytes(length, 2 * rows) <= self.budget_bytes else "split"
+        if self.agree is not None:
+            mode = self.agree(mode)
         self.counts[mode] += 1
         return mode
 

@@ -28,6 +28,7 @@ from .memory import apply_cpu_allocator_policy, format_memory, peak_memory, rese
 from .metrics import MetricsLogger, console_logger
 from .resume import check_data_fingerprint, data_fingerprint, deferred_interrupt, resume_config
 from .run_eval import RunEvaluator
+from .sharded_state import ShardedModel
 from .step import OrpoStep, SideForward
 from .templating import tokenize_pairs
 
@@ -138,7 +139,8 @@ def run(
 
     dist = distributed.init(select_device(cfg.device))
     try:
-        summary = _train(cfg, resume, on_step_end, overrides, dist)
+        with dist.interrupts_at_micro_batch_ends():  # FSDP2: see _train's loop
+            summary = _train(cfg, resume, on_step_end, overrides, dist)
         # Every rank past its last collective before the group goes: tearing gloo down while
         # another rank's work is in flight aborts that process ("terminate called ...").
         dist.barrier()
@@ -169,6 +171,7 @@ def _train(
         log(f"resuming {run_dir} from {checkpoint.name}" + (f"; changed {'; '.join(changes)}" if changes else ""))
     elif (run_dir / "checkpoints").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
+    dist.check_export(cfg.export)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_file(run_dir / "config.yaml")
@@ -202,6 +205,8 @@ def _train(
     if dist.enabled:
         log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}")
     side_forward = dist.wrap(SideForward(model, cfg.logits_chunk_size, cfg.nll_over_prompt), device)
+    # FSDP2: what reads the weights whole (checkpoints, evaluation, the adapter) runs on every rank.
+    sharded = ShardedModel(model, side_forward) if dist.sharded else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
     total_steps = total_optimizer_steps(cfg, len(train_tok))
@@ -209,7 +214,7 @@ def _train(
     state = TrainState()
     fingerprint = data_fingerprint(train_tok)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, sharded)
         check_data_fingerprint(state.data_fingerprint, fingerprint, data.source, checkpoint)
     state.data_fingerprint = fingerprint
     metrics_log = (
@@ -218,7 +223,8 @@ def _train(
     )
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
-    chooser = step_chooser(cfg, model, device) if cfg.step == "auto" else None
+    dist.check_loss_scaling(scaler.is_enabled())
+    chooser = step_chooser(cfg, model, device, dist.agree_on_step_mode) if cfg.step == "auto" else None
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
@@ -226,15 +232,17 @@ def _train(
     )
 
     def save(rng: RngSnapshot | None = None) -> Path | None:
-        if not dist.is_main:
-            return None
-        return save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit, rng=rng)
+        full = sharded.full_state(optimizer) if sharded is not None else None  # a collective: every rank
+        return save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=cfg.save_total_limit, rng=rng,
+                               full=full) if dist.is_main else None
 
     # Before/periodic/after evaluations, health checks and best-checkpoint selection: run_eval.py.
-    # The weights are equal on every rank: rank 0 alone evaluates.
-    evaluator = RunEvaluator(model, tokenizer, cfg, eval_tok if dist.is_main else [], eval_pairs, device, run_dir,
-                             metrics_log, log, source=str(data.source), resumed_step=state.step)
-    before = evaluator.before(state.step) if state.step == 0 and dist.is_main else None
+    # Under DDP the weights are equal on every rank and rank 0 alone evaluates; under FSDP2 all do.
+    evaluates = dist.is_main or sharded is not None
+    evaluator = RunEvaluator(model, tokenizer, cfg, eval_tok if evaluates else [], eval_pairs, device, run_dir,
+                             metrics_log, log, source=str(data.source), resumed_step=state.step, sharded=sharded,
+                             writes=dist.is_main)
+    before = evaluator.before(state.step) if state.step == 0 and evaluates else None
     batches = micro_batches(
         train_tok, cfg.batch_size, cfg.seed, state.micro_batches, tokenizer.pad_token_id, cfg.pad_to_multiple_of,
         dist.world_size, dist.rank,
@@ -254,6 +262,8 @@ def _train(
             dist.seed_step(cfg.seed, state.step)
             for i in range(cfg.grad_accum):
                 out = step_fn(next(batches), loss_scale=1.0 / cfg.grad_accum, sync_grads=i == cfg.grad_accum - 1)
+                if dist.interrupted():  # FSDP2: Ctrl-C on any rank stops every rank here, together
+                    raise KeyboardInterrupt
                 if not torch.isfinite(out.loss):  # one sync per micro-batch: a NaN must not reach the weights
                     raise TrainingError(
                         f"non-finite loss ({float(out.loss)}) at step {state.step + 1}, pair rows {out.rows} of "
@@ -285,7 +295,7 @@ def _train(
                 metrics_log.log(last, postfix=f"loss {last['loss']:.3f} acc {last['reward_accuracy']:.2f} "
                                     f"{last['tokens_per_s']:.0f} tok/s {format_memory(memory)}")
                 window_tokens, window_start = 0, time.perf_counter()
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and dist.is_main:
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and evaluates:
                 evaluator.periodic(state.step)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                 save()
@@ -301,12 +311,14 @@ def _train(
         metrics_log.close()  # (other errors leave the sinks as they are: every record is already flushed)
         raise
     metrics_log.close_progress()
-    if not dist.is_main:
-        return {"run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "rank": dist.rank}
-
+    of_rank = {"run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "rank": dist.rank}
+    if not evaluates:
+        return of_rank
     save()
     after, evaluation = evaluator.finish(state.step)
-    adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after, evaluation)
+    adapter_dir = save_final_adapter(model, tokenizer, cfg, run_dir, data, after, evaluation, sharded)
+    if not dist.is_main:
+        return of_rank
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "adapter": str(adapter_dir),
         "trainable_params": info.trainable_params, "total_params": info.total_params,
@@ -333,8 +345,8 @@ def _train(
     return summary
 
 
-def step_chooser(cfg: OrpoConfig, model, device: torch.device):
-    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget."""
+def step_chooser(cfg: OrpoConfig, model, device: torch.device, agree: Callable[[str], str] | None = None):
+    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget (``agree``: FSDP2's)."""
     from .bench.floor import ModelShape
     from .step_choice import MIB, StepChooser, available_memory_bytes
 
@@ -342,14 +354,14 @@ def step_chooser(cfg: OrpoConfig, model, device: torch.device):
     return StepChooser(
         shape=ModelShape.from_config(model.get_base_model().config), budget_bytes=budget, lora_r=cfg.lora_r,
         lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
-        activation_bytes=model.get_input_embeddings().weight.element_size(),
+        activation_bytes=model.get_input_embeddings().weight.element_size(), agree=agree,
     )
 
 
 def _update(cfg, state, scaler, optimizer, scheduler, params, rows, data, run_dir) -> torch.Tensor:
     """Clip, step the optimizer and the schedule, count the step; returns the gradient norm."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
     # A finite loss can still give a non-finite gradient (the split step's rejected
     # pass is checked by nothing else): it must never reach the weights. Under float16
     # loss scaling an overflow is expected, and the scaler skips that step itself.
@@ -368,12 +380,20 @@ def _update(cfg, state, scaler, optimizer, scheduler, params, rows, data, run_di
 
 
 def save_final_adapter(
-    model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None, evaluation: dict | None = None
-) -> Path:
-    """The final adapter in peft format, with a card carrying the base's fingerprint and the evaluation."""
+    model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None, evaluation: dict | None = None,
+    sharded: ShardedModel | None = None,
+) -> Path | None:
+    """The final adapter in peft format, with a card carrying the base's fingerprint and the evaluation.
+
+    ``sharded``: every rank calls this to gather the weights; rank 0 writes (the others get None).
+    """
     from .adapters import save_adapter
 
-    return save_adapter(model, tokenizer, cfg, run_dir / "adapter", data=data, metrics=metrics, evaluation=evaluation)
+    def write(state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        return save_adapter(model, tokenizer, cfg, run_dir / "adapter", data=data, metrics=metrics,
+                            evaluation=evaluation, state_dict=state_dict)
+
+    return write() if sharded is None else sharded.write_whole(write)
 
 
 def _write_plots(run_dir: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import tiny_config, tiny_data, tiny_model_dir, train_losses  # noqa: F401  (fixtures)
 
-from qlora_orpo.checkpoint import read_metrics
+from qlora_orpo.checkpoint import latest_checkpoint, read_metrics
 from qlora_orpo.train import micro_batches, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,11 +25,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torchrun(tmp_path: Path, cfg, out: Path, *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, cfg, out: Path, *flags: str, nproc: int = 2, sharding: str = "ddp"
+             ) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     config = tmp_path / f"config-{out.name}.json"
     config.write_text(json.dumps(dataclasses.asdict(cfg)))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    if sharding == "fsdp2":  # what accelerate's FSDP config sets (distributed.sharding_from_env)
+        env |= {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(REPO / "tests" / "dist_worker.py"),
                str(config), str(out), *flags]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -194,6 +197,150 @@ def test_fsdp2_on_a_cpu_mesh_shards_the_4bit_weights_and_matches_ddp(tmp_path, t
     for name in names:
         torch.testing.assert_close(tensors[f"fsdp2/{name}"], tensors[f"ddp/{name}"], rtol=1e-5, atol=1e-8, msg=name)
         torch.testing.assert_close(tensors[f"after/{name}"], tensors[f"ddp_after/{name}"], rtol=1e-5, atol=1e-8)
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def adapter_weights(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``adapter_dir`` as the normal loader puts them on the base, in this one process."""
+    from qlora_orpo.adapters import load_adapter
+    from qlora_orpo.model import load_base, load_tokenizer
+
+    base = load_base(str(model_dir), "nf4", "cpu", torch.float32)
+    model = load_adapter(base, load_tokenizer(str(model_dir)), adapter_dir)  # checks the card's base fingerprint
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
+    """Equal to 1e-5 of the tensor's largest value (and of each element's).
+
+    DDP all-reduces the gradients and FSDP2 reduce-scatters them: the same sum to rounding.
+    AdamW divides each update by the root of its squared-gradient average, so an element
+    whose gradient is near zero moves by a ratio of rounding errors (seen: 2e-5 relative on
+    an element 15 times smaller than its tensor's largest, after two steps).
+    """
+    scale = float(expected.abs().max()) if expected.is_floating_point() and expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-9, msg=msg)
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x and x.keys() == y.keys(), a.name
+    for name in x:
+        assert x[name].dtype == y[name].dtype and x[name].shape == y[name].shape, name
+        assert_close_to_scale(y[name], x[name], f"{a.name}: {name}")
+
+
+def test_fsdp2_run_writes_what_ddp_writes_and_its_checkpoints_resume_in_one_process(
+    tmp_path, tiny_model_dir, tiny_data  # noqa: F811
+):
+    """finetune's loop sharded on 2 ranks: checkpoints, evaluation with health and selection, the adapter."""
+    # Every other pair's chosen reply long: under a 2 MiB budget --step auto picks split for a
+    # micro-batch holding one and sequential for one that does not, and in step 1 rank 0 draws
+    # only short pairs while rank 1 draws a long one. Under FSDP2 they must run the same passes.
+    data = tmp_path / "varied.jsonl"
+    rows = [json.loads(line) for line in tiny_data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "chosen": r["chosen"] + " hello world" * 8 * (i % 2)}) + "\n"
+                            for i, r in enumerate(rows)))
+    common = dict(quant="nf4", max_steps=2, save_every=1, eval_every=1, select_best=True, health_prompts=2,
+                  health_max_new_tokens=8, lora_dropout=0.0, cpu_allocator="glibc", lr_scheduler="constant",
+                  warmup_ratio=0.0, step="auto", memory_budget_mib=2)
+    configs = {s: tiny_config(tmp_path, tiny_model_dir, data, run_name=s, **common) for s in ("ddp", "fsdp2")}
+    output = {}
+    for sharding, cfg in configs.items():
+        result = torchrun(tmp_path, cfg, tmp_path / f"out-{sharding}", sharding=sharding)
+        check(result)
+        output[sharding] = result.stdout + result.stderr
+    assert "step auto (budget 2 MiB): sequential 1, split 3" in output["ddp"]  # rank 0's own choices
+    assert "step auto (budget 2 MiB): split 4" in output["fsdp2"]  # agreed with rank 1's
+    ddp, fsdp = tmp_path / "runs" / "ddp", tmp_path / "runs" / "fsdp2"
+    assert files_under(fsdp) == files_under(ddp)
+    assert (fsdp / "best" / "best.json").is_file() and (fsdp / "evaluation.json").is_file()
+
+    # Written once, by rank 0: the same records in the same order, with the same figures.
+    records = {s: read_metrics(tmp_path / "runs" / s / "metrics.jsonl") for s in configs}
+    assert [(r["split"], r.get("tag"), r["step"]) for r in records["fsdp2"]] == [
+        (r["split"], r.get("tag"), r["step"]) for r in records["ddp"]]
+    evals = [r for r in records["fsdp2"] if r["split"] == "eval"]
+    assert [r["tag"] for r in evals] == ["before", "periodic", "after"] and all("health_seq_rep_4" in r for r in evals)
+    for a, b in zip(records["ddp"], records["fsdp2"], strict=True):
+        for key in ("loss", "reward_margin", "health_ended_rate", "health_seq_rep_4", "health_distinct_2"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["split"], a["step"], key)
+
+    # The shipped adapter, loaded in one process by the normal loader: DDP's weights.
+    shipped = {s: adapter_weights(tiny_model_dir, tmp_path / "runs" / s / "adapter") for s in configs}
+    assert shipped["ddp"] and any(v.abs().max() > 0 for n, v in shipped["ddp"].items() if "lora_B" in n)
+    assert shipped["fsdp2"].keys() == shipped["ddp"].keys()
+    for name, value in shipped["ddp"].items():
+        assert_close_to_scale(shipped["fsdp2"][name], value, name)
+
+    # Checkpoints in the single-process format: the same files, tensors and records as DDP's.
+    for step in ("step-000001", "step-000002"):
+        a, b = ddp / "checkpoints" / step, fsdp / "checkpoints" / step
+        assert files_under(b) == files_under(a)
+        for name in ("adapter/adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            assert_same_tensors(a / name, b / name)
+        state_a, state_b = (json.loads((c / "state.json").read_text()) for c in (a, b))
+        for key in ("train_state", "optimizer", "scheduler"):
+            assert state_b[key] == state_a[key], key  # parameter-indexed optimizer groups, as one process writes
+    assert_same_tensors(ddp / "best" / "adapter_weights.safetensors", fsdp / "best" / "adapter_weights.safetensors")
+
+    # Either checkpoint resumes in one process, to the same weights and optimizer state after one more step.
+    for cfg in configs.values():
+        assert run(cfg, resume=True, overrides={"max_steps": 3})["steps"] == 3
+    for name in ("adapter/adapter_model.safetensors", "optimizer.safetensors"):
+        assert_same_tensors(ddp / "checkpoints" / "step-000003" / name, fsdp / "checkpoints" / "step-000003" / name)
+    assert train_losses(fsdp)[-1][1] == pytest.approx(train_losses(ddp)[-1][1], rel=1e-5)
+
+
+def test_fsdp2_ctrl_c_stops_every_rank_together_and_the_resume_gives_the_same_losses(
+    tmp_path, tiny_model_dir, tiny_data  # noqa: F811
+):
+    """torchrun hands SIGINT to each rank at its own moment; all stop at one point, save, and resume sharded."""
+    common = dict(quant="nf4", max_steps=10, save_every=0, lora_dropout=0.1, eval_fraction=0.0, cpu_allocator="glibc")
+    full = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="full", **common)
+    check(torchrun(tmp_path, full, tmp_path / "out-full", sharding="fsdp2"))
+    cut = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="cut", **common)
+    result = torchrun(tmp_path, cut, tmp_path / "out-cut", "--sigint-at", "2", sharding="fsdp2")
+    check(result, ok=False)
+    run_dir = tmp_path / "runs" / "cut"
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None, result.stderr[-3000:]
+    stopped = int(checkpoint.name.removeprefix("step-"))
+    assert 2 <= stopped < 10 and "interrupted: saved" in result.stdout + result.stderr
+    for rank in (0, 1):  # every rank's last completed step is the checkpoint's
+        dumps = [int(p.stem.partition("-step")[2]) for p in (tmp_path / "out-cut").glob(f"rank{rank}-step*")]
+        assert max(dumps) == stopped, rank
+    check(torchrun(tmp_path, cut, tmp_path / "out-resumed", "--resume", sharding="fsdp2"))
+    expected, resumed = train_losses(tmp_path / "runs" / "full"), train_losses(run_dir)
+    assert [s for s, _ in resumed] == list(range(1, 11))
+    for (step, a), (_, b) in zip(expected, resumed, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"step {step}"
+    for name, value in load_file(str(tmp_path / "out-full" / "rank1-step10.safetensors")).items():
+        torch.testing.assert_close(load_file(str(tmp_path / "out-resumed" / "rank1-step10.safetensors"))[name], value)
+
+
+def test_fsdp2_refuses_export_before_writing_anything(tmp_path, tiny_model_dir, tiny_data):  # noqa: F811
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, quant="nf4", export="gguf", cpu_allocator="glibc")
+    result = torchrun(tmp_path, cfg, tmp_path / "out", sharding="fsdp2")
+    check(result, ok=False)
+    assert "--export gguf: merging needs the whole base in one process" in result.stderr
+    assert "qlora-orpo export --adapter RUN_DIR/adapter --out OUT --format gguf" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_float16_loss_scaling_is_refused_when_sharded_only():
+    from qlora_orpo.distributed import Dist
+    from qlora_orpo.errors import UserError
+
+    with pytest.raises(UserError, match="use --compute-dtype bfloat16"):
+        Dist(world_size=2, sharding="fsdp2").check_loss_scaling(True)
+    Dist(world_size=2, sharding="fsdp2").check_loss_scaling(False)
+    Dist(world_size=2, sharding="ddp").check_loss_scaling(True)
+    Dist(world_size=1, sharding="fsdp2").check_loss_scaling(True)  # one process: nothing is sharded
 
 
 def test_on_paper_scaling_shards_memory_under_fsdp2_only():
