@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup_env.sh dev,bench
 
 finetune: setup
-	$(PY) scripts/finetune.py $(ARGS)
+	$(PY) scripts/finetune.py --config configs/quickstart.yaml $(ARGS)
 
 dry-run: setup
 	$(PY) scripts/finetune.py --dry-run $(ARGS)

@@ -12,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .bench.floor import ModelShape, memory_floor
 from .collate import PairBatch
+
+if TYPE_CHECKING:
+    from .config import OrpoConfig
 
 MIB = 2**20
 # Measured peak above baseline / analytic floor for the split step on the embedded model:
@@ -74,3 +78,13 @@ class StepChooser:
     def describe(self) -> str:
         used = ", ".join(f"{mode} {n}" for mode, n in self.counts.items() if n)
         return f"step auto (budget {self.budget_bytes / MIB:,.0f} MiB): {used or 'no micro-batch yet'}"
+
+
+def chooser_for(cfg: OrpoConfig, model, device: torch.device, agree: Callable[[str], str] | None = None):
+    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget (``agree``: FSDP2's)."""
+    budget = cfg.memory_budget_mib * MIB or available_memory_bytes(device)
+    return StepChooser(
+        shape=ModelShape.from_config(model.get_base_model().config), budget_bytes=budget, lora_r=cfg.lora_r,
+        lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
+        activation_bytes=model.get_input_embeddings().weight.element_size(), agree=agree,
+    )

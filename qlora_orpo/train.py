@@ -30,6 +30,7 @@ from .resume import check_data_fingerprint, data_fingerprint, deferred_interrupt
 from .run_eval import RunEvaluator
 from .sharded_state import ShardedModel
 from .step import OrpoStep, SideForward
+from .step_choice import chooser_for
 from .templating import tokenize_pairs
 
 _console = console_logger()
@@ -224,7 +225,7 @@ def _train(
     # float16 compute (GPUs without native bfloat16) needs loss scaling; a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=info.compute_dtype == torch.float16 and device.type == "cuda")
     dist.check_loss_scaling(scaler.is_enabled())
-    chooser = step_chooser(cfg, model, device, dist.agree_on_step_mode) if cfg.step == "auto" else None
+    chooser = chooser_for(cfg, model, device, dist.agree_on_step_mode) if cfg.step == "auto" else None
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, tokenizer.pad_token_id, device,
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
@@ -343,19 +344,6 @@ def _train(
         export_gguf(adapter_dir, run_dir / "gguf" / f"{run_dir.name}-{cfg.gguf_quant}.gguf", cfg.gguf_quant)
     _write_plots(run_dir)
     return summary
-
-
-def step_chooser(cfg: OrpoConfig, model, device: torch.device, agree: Callable[[str], str] | None = None):
-    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget (``agree``: FSDP2's)."""
-    from .bench.floor import ModelShape
-    from .step_choice import MIB, StepChooser, available_memory_bytes
-
-    budget = cfg.memory_budget_mib * MIB or available_memory_bytes(device)
-    return StepChooser(
-        shape=ModelShape.from_config(model.get_base_model().config), budget_bytes=budget, lora_r=cfg.lora_r,
-        lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
-        activation_bytes=model.get_input_embeddings().weight.element_size(), agree=agree,
-    )
 
 
 def _update(cfg, state, scaler, optimizer, scheduler, params, rows, data, run_dir) -> torch.Tensor:
