@@ -134,31 +134,32 @@ def markdown_report(result: dict[str, Any], show_replies: int = 3) -> str:
 
 
 # What a sweep compares, one row per run (scripts/sweep_table.py): (label, config keys shown).
-SWEEP_SETTINGS = ("learning_rate", "beta", "max_steps", "epochs", "lora_r", "lora_alpha", "max_length",
-                  "nll_over_prompt")
+SWEEP_SETTINGS = ("learning_rate", "beta", "max_steps", "grad_accum", "epochs", "lora_r", "lora_alpha",
+                  "max_length", "nll_over_prompt")
 
 
 def sweep_table(runs: list[tuple[str, dict[str, Any], dict[str, Any], float | None]]) -> str:
     """One markdown row per run: ``(name, config, evaluation.json result, training minutes or None)``."""
     lines = [
         "| run | " + " | ".join(SWEEP_SETTINGS) + " | minutes | step | accuracy base -> adapter | gain [95% CI] "
-        "| chosen NLL change | ended base -> adapter | seq-rep-4 base -> adapter | gate |",
-        "|---|" + "---:|" * len(SWEEP_SETTINGS) + "---:|---:|---:|---:|---:|---:|---:|---|",
+        "| chosen NLL change | ended base -> adapter | seq-rep-4 base -> adapter | distinct-2 base -> adapter | gate |",
+        "|---|" + "---:|" * len(SWEEP_SETTINGS) + "---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, config, result, minutes in runs:
         acc = result["change"]["reward_accuracy"]
         health = result.get("health")
-        ended = rep = gate = "-"
+        ended = rep = distinct = gate = "-"
         if health:
             b, a = health["base"]["metrics"], health["adapter"]["metrics"]
             ended = f"{b['ended_rate']:.2f} -> {a['ended_rate']:.2f}"
             rep = f"{b['seq_rep_4']:.3f} -> {a['seq_rep_4']:.3f}"
+            distinct = f"{b['distinct_2']:.2f} -> {a['distinct_2']:.2f}"
             gate = "pass" if health["gate"]["passes"] else "FAIL"
         settings = " | ".join(str(config.get(k, "")) for k in SWEEP_SETTINGS)
         lines.append(
             f"| {name} | {settings} | {'-' if minutes is None else f'{minutes:.1f}'} | "
             f"{result.get('selected_step', '-')} | {result['base']['reward_accuracy']:.3f} -> "
             f"{result['adapter']['reward_accuracy']:.3f} | {acc['change']:+.3f} [{acc['low']:+.3f}, {acc['high']:+.3f}] | "
-            f"{result['change']['nll']['change']:+.3f} | {ended} | {rep} | {gate} |"
+            f"{result['change']['nll']['change']:+.3f} | {ended} | {rep} | {distinct} | {gate} |"
         )
     return "\n".join(lines)

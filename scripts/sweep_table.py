@@ -1,8 +1,13 @@
-"""One markdown table row per run directory, from its config.yaml, evaluation.json and metrics.jsonl.
+"""Compare finished runs: one markdown table row per run directory, and optionally a gain curve.
 
-    python scripts/sweep_table.py runs/hh-*            # after runs of configs/hh-recipe.yaml
+    python scripts/sweep_table.py runs/hh-*                                 # the table
+    python scripts/sweep_table.py runs/hh-* --plot docs/alignment_gain.png  # and gain vs minutes
+
+Reads each run's config.yaml, evaluation.json and metrics.jsonl. Minutes are training time
+from the step timings (evaluations not included).
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -11,30 +16,31 @@ import yaml
 
 from qlora_orpo.checkpoint import read_metrics
 from qlora_orpo.report import sweep_table
-
-
-def training_minutes(run_dir: Path) -> float | None:
-    """Seconds per step times steps, summed over the train log windows (evaluations not included)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    train = [r for r in read_metrics(path) if r.get("split") == "train" and "seconds_per_step" in r]
-    steps = [r["step"] for r in train]
-    windows = [b - a for a, b in zip([0, *steps[:-1]], steps, strict=True)]
-    return sum(r["seconds_per_step"] * w for r, w in zip(train, windows, strict=True)) / 60 if train else None
+from qlora_orpo.sweep import gain_curve, plot_gain_curves, training_minutes_by_step
 
 
 def main(argv: list[str]) -> int:
-    rows = []
-    for name in argv:
-        run_dir = Path(name)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--plot", type=Path, help="also draw held-out accuracy gain against training minutes here")
+    parser.add_argument("--target", type=float, default=0.10, help="gain drawn as a dashed line on the plot")
+    args = parser.parse_args(argv)
+    rows, curves = [], []
+    for run_dir in args.runs:
         if not (run_dir / "evaluation.json").is_file():
             print(f"{run_dir}: no evaluation.json (unfinished run?), skipped", file=sys.stderr)
             continue
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         result = json.loads((run_dir / "evaluation.json").read_text())
-        rows.append((run_dir.name, config, result, training_minutes(run_dir)))
+        records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+        minutes = training_minutes_by_step(records)
+        rows.append((run_dir.name, config, result, max(minutes.values()) if minutes else None))
+        gain, points = result["change"]["reward_accuracy"], gain_curve(records)
+        step = result.get("selected_step") or (points[-1][0] if points else 0)
+        curves.append((run_dir.name, points, (step, gain["low"], gain["high"])))
     print(sweep_table(rows))
+    if args.plot:
+        print(f"plot: {plot_gain_curves(curves, args.plot, 'Held-out reward accuracy gain', args.target)}")
     return 0
 
 

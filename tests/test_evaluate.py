@@ -246,3 +246,4 @@ def test_report_with_adapter_health_and_a_sweep_row():
     assert "**Prompt 1:** hi | there" in text and "**Prompt 2:**" not in text
     row = sweep_table([("r1", {"learning_rate": 2e-4, "beta": 0.25}, result, 12.5)]).splitlines()[-1]
     assert row.startswith("| r1 | 0.0002 | 0.25 |") and "| 12.5 | 80 | 0.500 -> 0.620 | +0.120 [+0.050, +0.190] |" in row
+    assert row.endswith("| 0.80 -> 0.80 | pass |")
