@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .plots import save_figure
+
 GainPoint = tuple[int, float, float]  # (step, training minutes up to that step, accuracy - base accuracy)
 
 
@@ -96,9 +98,4 @@ def plot_gain_curves(curves: Sequence[tuple[str, list[GainPoint], tuple[int, flo
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
