@@ -251,7 +251,9 @@ def _train(
     reset_peak_memory(device)
     model.train()
     metrics_log.start_progress(total_steps, initial=state.step)
-    window_tokens, window_start = 0, time.perf_counter()
+    # A log window runs from window_from to the logged step: log_every steps, except the last one
+    # (total_steps need not be a multiple) and the first after a resume (from the checkpoint's step).
+    window_tokens, window_start, window_from = 0, time.perf_counter(), state.step
     last: dict[str, float] = {}
     # The RNG at the last completed step's end: what an interrupted step's checkpoint restores.
     step_end_rng = RngSnapshot.capture()
@@ -290,12 +292,12 @@ def _train(
                 last = {
                     "step": state.step, "split": "train", **_to_float(sums),
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": window_tokens / elapsed, "seconds_per_step": elapsed / cfg.log_every,
+                    "tokens_per_s": window_tokens / elapsed, "seconds_per_step": elapsed / (state.step - window_from),
                     "tokens": state.tokens, **memory,
                 }
                 metrics_log.log(last, postfix=f"loss {last['loss']:.3f} acc {last['reward_accuracy']:.2f} "
                                     f"{last['tokens_per_s']:.0f} tok/s {format_memory(memory)}")
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_start, window_from = 0, time.perf_counter(), state.step
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and evaluates:
                 evaluator.periodic(state.step)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
