@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "OrpoConfig": ("config", "OrpoConfig"),
-    "finetune": ("train", "run"),  # not "train": that name is the submodule
-    "export_merged": ("export", "export_merged"),
-    "load_adapter": ("adapters", "load_adapter"),
-    "load_preferences": ("data", "load_preferences"),
-    "orpo_loss": ("loss", "orpo_loss"),
+    "finetune": ("recipes.finetune", "run"),  # not "train": that name is the submodule
+    "export_merged": ("export.merged", "export_merged"),
+    "load_adapter": ("export.adapters", "load_adapter"),
+    "load_preferences": ("data.preferences", "load_preferences"),
+    "orpo_loss": ("training.loss", "orpo_loss"),
 }
 __all__ = list(_EXPORTS)
 

@@ -51,7 +51,7 @@ if device == "cuda":
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this check is for a GPU machine (GPU_CHECK_DEVICE=cpu to test the script)")
     cap = torch.cuda.get_device_capability()
-    from qlora_orpo.model import resolve_compute_dtype
+    from qlora_orpo.models.loader import resolve_compute_dtype
     print(f"{torch.cuda.get_device_name()} (compute capability {cap[0]}.{cap[1]}), "
           f"auto compute dtype {resolve_compute_dtype('auto', torch.device('cuda'))}")
 PY

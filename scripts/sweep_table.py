@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from qlora_orpo.checkpoint import read_metrics
-from qlora_orpo.report import sweep_table
-from qlora_orpo.sweep import gain_curve, plot_gain_curves, training_minutes_by_step
+from qlora_orpo.evaluation.report import sweep_table
+from qlora_orpo.evaluation.sweep import gain_curve, plot_gain_curves, training_minutes_by_step
+from qlora_orpo.training.metrics import read_metrics
 
 
 def main(argv: list[str]) -> int:

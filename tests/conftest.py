@@ -46,7 +46,7 @@ def plain_tokenizer():
 
 def random_tokenized_pairs(n: int, vocab_size: int, seed: int = 0, min_length: int = 3):
     """``n`` TokenizedPairs of random ids (prompt and each response ``min_length`` to 11 tokens, responses end in EOS=2)."""
-    from qlora_orpo.collate import TokenizedPair
+    from qlora_orpo.data.collate import TokenizedPair
 
     g = torch.Generator().manual_seed(seed)
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import qlora_orpo.distributed as distributed
-import qlora_orpo.step as step
+import qlora_orpo.training.distributed as distributed
+import qlora_orpo.training.step as step
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.train import run
+from qlora_orpo.recipes.finetune import run
 
 
 def main(argv: list[str]) -> int:

@@ -20,15 +20,15 @@ import torch
 from conftest import random_tokenized_pairs
 from safetensors.torch import save_file
 
-from qlora_orpo import distributed
-from qlora_orpo.collate import collate_pairs
-from qlora_orpo.step import OrpoStep, SideForward
+from qlora_orpo.data.collate import collate_pairs
+from qlora_orpo.training import distributed
+from qlora_orpo.training.step import OrpoStep, SideForward
 
 
 def build(model_dir: str):
     from peft import LoraConfig, get_peft_model
 
-    from qlora_orpo.model import _enable_checkpointing, load_base
+    from qlora_orpo.models.loader import _enable_checkpointing, load_base
 
     base = load_base(model_dir, "nf4", "cpu", torch.float32, quant_storage=torch.float32)
     _enable_checkpointing(base)

@@ -1,4 +1,4 @@
-"""Tests of qlora_orpo.adapters (self-describing adapter folders) and qlora_orpo.chat.
+"""Tests of qlora_orpo.export.adapters (self-describing adapter folders) and qlora_orpo.recipes.chat.
 
 Tiny 2-layer Llamas saved into temporary directories stand in for the base; one
 integration test loads the committed adapter onto the embedded SmolLM2 with plain peft.
@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import build_tiny_llama, build_tokenizer
 
-from qlora_orpo import adapter_card
-from qlora_orpo import adapters as A
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.data import PreferenceData, PreferencePair
-from qlora_orpo.errors import UserError
+from qlora_orpo.core.errors import UserError
+from qlora_orpo.data.preferences import PreferenceData, PreferencePair
+from qlora_orpo.export import adapters as A
+from qlora_orpo.export import card as adapter_card
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED_ADAPTER = REPO / "adapters" / "smollm2-135m-hh-harmless-orpo"
@@ -154,7 +154,7 @@ def test_saving_again_replaces_the_adapter_and_a_failed_save_keeps_the_old_one(t
 
 
 def test_train_save_final_adapter_uses_the_card(tmp_path, base_dir):
-    from qlora_orpo.train import save_final_adapter
+    from qlora_orpo.recipes.finetune import save_final_adapter
 
     model, tokenizer = load_base(base_dir)
     out = save_final_adapter(non_identity_lora(model), tokenizer, OrpoConfig(model=str(base_dir)), tmp_path,
@@ -341,8 +341,8 @@ def test_chat_with_adapter_compares_base_and_adapter_replies(adapter, capsys):
 def test_chat_reads_prompts_from_stdin_until_eof(base_dir, capsys, monkeypatch):
     import io
 
-    from qlora_orpo import chat
     from qlora_orpo.cli.chat import main as chat_main
+    from qlora_orpo.recipes import chat
 
     assert list(chat.read_prompts(io.StringIO("hello\n\n  \nthe quick brown fox"), interactive=False)) == [
         "hello", "the quick brown fox"]
@@ -355,7 +355,7 @@ def test_chat_reads_prompts_from_stdin_until_eof(base_dir, capsys, monkeypatch):
 
 
 def test_generate_reply_greedy_is_deterministic_and_max_new_tokens_limits(base_dir):
-    from qlora_orpo.chat import GenerationSettings, chat_messages, generate_reply
+    from qlora_orpo.recipes.chat import GenerationSettings, chat_messages, generate_reply
 
     model, tokenizer = load_base(base_dir)
     messages = chat_messages("hello world")
@@ -368,7 +368,7 @@ def test_generate_reply_greedy_is_deterministic_and_max_new_tokens_limits(base_d
 
 
 def test_sampling_changes_the_reply_with_the_seed(base_dir):
-    from qlora_orpo.chat import GenerationSettings, chat_messages, generate_reply
+    from qlora_orpo.recipes.chat import GenerationSettings, chat_messages, generate_reply
 
     model, tokenizer = load_base(base_dir)
     settings = GenerationSettings(max_new_tokens=12, sample=True, temperature=2.0, top_p=1.0)
@@ -393,7 +393,7 @@ def test_chat_adapter_on_wrong_base_is_an_error_unless_forced(adapter, tmp_path,
 
 def test_chat_nf4_loads_a_4bit_base_that_passes_the_fingerprint_check(adapter):
     bnb = pytest.importorskip("bitsandbytes")
-    from qlora_orpo.chat import GenerationSettings, chat_messages, generate_reply, load_for_chat
+    from qlora_orpo.recipes.chat import GenerationSettings, chat_messages, generate_reply, load_for_chat
 
     model, tokenizer = load_for_chat(str(adapter[0]), quant="nf4", device="cpu")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -426,7 +426,7 @@ def test_fingerprint_of_the_4bit_training_load_equals_the_float32_load():
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from qlora_orpo.model import load_model_for_training, load_tokenizer, resolve_model_path
+    from qlora_orpo.models.loader import load_model_for_training, load_tokenizer, resolve_model_path
 
     path = resolve_model_path("embedded")
     quantised, tokenizer, _ = load_model_for_training(OrpoConfig(device="cpu", quant="nf4", lora_r=4))
@@ -443,7 +443,7 @@ def test_committed_adapter_loads_with_plain_peft_and_changes_the_logits():
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_orpo.model import resolve_model_path
+    from qlora_orpo.models.loader import resolve_model_path
 
     assert COMMITTED_ADAPTER.is_dir(), f"{COMMITTED_ADAPTER} is missing: train it and commit it (see README)"
     path = resolve_model_path("embedded")

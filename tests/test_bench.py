@@ -15,13 +15,13 @@ import torch
 from conftest import build_tiny_llama, build_tokenizer
 from peft import LoraConfig, get_peft_model
 
-from qlora_orpo.bench.floor import ModelShape, memory_floor
 from qlora_orpo.bench.flops import roofline_seconds, step_flops
 from qlora_orpo.bench.report import markdown_table, plot_memory
 from qlora_orpo.bench.spec import BenchSpec, fixed_pair, plan, prompt_length
 from qlora_orpo.bench.tiny import build_tiny_model_dir
 from qlora_orpo.bench.trl_adapter import TRL_MISSING
 from qlora_orpo.bench.worker import run_in_subprocess, run_worker, worker_env
+from qlora_orpo.models.floor import ModelShape, memory_floor
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_orpo.py"
@@ -206,7 +206,7 @@ def test_one_step_of_trl_joint_and_split_give_the_same_loss(tiny_model_dir):
 
 
 def test_worker_env_preloads_the_allocator_and_its_options(monkeypatch, tmp_path):
-    from qlora_orpo import memory
+    from qlora_orpo.models import memory
 
     library = tmp_path / "libmimalloc.so"
     library.write_bytes(b"\x7fELF")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from qlora_orpo.collate import collate_pairs, concat_sides
-from qlora_orpo.data import PreferencePair
-from qlora_orpo.loss import IGNORE_INDEX
-from qlora_orpo.templating import render_prompt, tokenize_pair, tokenize_pairs
+from qlora_orpo.data.collate import IGNORE_INDEX, collate_pairs, concat_sides
+from qlora_orpo.data.preferences import PreferencePair
+from qlora_orpo.data.templating import render_prompt, tokenize_pair, tokenize_pairs
 
 
 def make_pair(prompt="What is the capital of France?", chosen="The capital of France is Paris.",

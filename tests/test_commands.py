@@ -13,7 +13,7 @@ import torch
 from conftest import build_tiny_llama, build_tokenizer
 
 from qlora_orpo.cli import SUBCOMMANDS, main
-from qlora_orpo.metrics import MetricsLogger
+from qlora_orpo.training.metrics import MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over lazy dog hello world capital France Paris bread flour water".split()
@@ -109,7 +109,7 @@ def test_tensorboard_sink_of_a_resumed_run_drops_the_replayed_steps(tmp_path):
 
 
 def test_wandb_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
-    from qlora_orpo.errors import ConfigError
+    from qlora_orpo.core.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ConfigError, match="report_to: wandb is not installed"):

@@ -8,7 +8,7 @@ import pytest
 
 from qlora_orpo.cli.train import build_parser, parse_args
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.errors import ConfigError
+from qlora_orpo.core.errors import ConfigError
 
 REQUIRED_FIELDS = {
     "model", "data", "output_dir", "beta", "learning_rate", "max_steps", "epochs", "batch_size",
@@ -146,7 +146,7 @@ target_modules: [q_proj, v_proj]
 
 
 def test_a_trl_style_yaml_is_accepted_with_one_warning_per_alias(tmp_path, capsys):
-    from qlora_orpo import config_aliases
+    from qlora_orpo.config import aliases as config_aliases
 
     config_aliases._warned.clear()
     path = tmp_path / "trl.yaml"

@@ -1,4 +1,4 @@
-"""Tests of qlora_orpo.data: sources, row shapes, bad rows, and the hash-based hold-out split."""
+"""Tests of qlora_orpo.data (sources and preferences): sources, row shapes, bad rows, and the hash-based hold-out split."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.data import (
+from qlora_orpo.core.errors import DataError
+from qlora_orpo.data.preferences import (
     EMBEDDED_DATA,
     SHAPES,
     PreferenceData,
@@ -22,7 +23,6 @@ from qlora_orpo.data import (
     resolve_data_path,
     split_holdout,
 )
-from qlora_orpo.errors import DataError
 
 ROWS = [
     {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},

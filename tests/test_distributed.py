@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 from test_train import tiny_config, tiny_data, tiny_model_dir, train_losses  # noqa: F401  (fixtures)
 
-from qlora_orpo.checkpoint import latest_checkpoint, read_metrics
-from qlora_orpo.train import micro_batches, run
+from qlora_orpo.data.sampling import micro_batches
+from qlora_orpo.recipes.finetune import run
+from qlora_orpo.training.checkpoint import latest_checkpoint
+from qlora_orpo.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -71,7 +73,7 @@ def test_two_ranks_step_equals_one_process_over_both_shards(tmp_path, tiny_model
 
     # One process, four micro-batches: exactly the micro-batches the two ranks took between them.
     one = tiny_config(tmp_path, tiny_model_dir, tiny_data, run_name="one", grad_accum=4, **common)
-    import qlora_orpo.step as step
+    import qlora_orpo.training.step as step
 
     models = []
     real_init = step.OrpoStep.__init__
@@ -134,8 +136,8 @@ def test_only_the_last_pass_of_an_optimizer_step_synchronises():
     from conftest import random_tokenized_pairs
 
     from qlora_orpo.bench.tiny import build_tiny_llama
-    from qlora_orpo.collate import collate_pairs
-    from qlora_orpo.step import OrpoStep, SideForward
+    from qlora_orpo.data.collate import collate_pairs
+    from qlora_orpo.training.step import OrpoStep, SideForward
 
     model = build_tiny_llama(vocab_size=300)
     for p in model.parameters():
@@ -205,8 +207,8 @@ def files_under(root: Path) -> list[str]:
 
 def adapter_weights(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     """The LoRA weights of ``adapter_dir`` as the normal loader puts them on the base, in this one process."""
-    from qlora_orpo.adapters import load_adapter
-    from qlora_orpo.model import load_base, load_tokenizer
+    from qlora_orpo.export.adapters import load_adapter
+    from qlora_orpo.models.loader import load_base, load_tokenizer
 
     base = load_base(str(model_dir), "nf4", "cpu", torch.float32)
     model = load_adapter(base, load_tokenizer(str(model_dir)), adapter_dir)  # checks the card's base fingerprint
@@ -333,8 +335,8 @@ def test_fsdp2_refuses_export_before_writing_anything(tmp_path, tiny_model_dir, 
 
 
 def test_float16_loss_scaling_is_refused_when_sharded_only():
-    from qlora_orpo.distributed import Dist
-    from qlora_orpo.errors import UserError
+    from qlora_orpo.core.errors import UserError
+    from qlora_orpo.training.distributed import Dist
 
     with pytest.raises(UserError, match="use --compute-dtype bfloat16"):
         Dist(world_size=2, sharding="fsdp2").check_loss_scaling(True)

@@ -1,4 +1,4 @@
-"""qlora_orpo.dtype_probe: the dtype decision on fake timings, the JSON cache round trip, a real probe."""
+"""qlora_orpo.models.dtype_probe: the dtype decision on fake timings, the JSON cache round trip, a real probe."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
-from qlora_orpo import dtype_probe
-from qlora_orpo.dtype_probe import choose_dtype, fastest_cpu_dtype, matmul_flops, probe_key, probe_timings
+from qlora_orpo.models import dtype_probe
+from qlora_orpo.models.dtype_probe import (
+    choose_dtype,
+    fastest_cpu_dtype,
+    matmul_flops,
+    probe_key,
+    probe_timings,
+)
 
 
 @pytest.mark.parametrize(

@@ -10,19 +10,16 @@ import torch
 from conftest import build_tiny_llama, build_tokenizer, random_tokenized_pairs
 from peft import LoraConfig, get_peft_model
 
-from qlora_orpo.checkpoint import read_metrics
 from qlora_orpo.cli.evaluate import main
-from qlora_orpo.collate import TokenizedPair, collate_pairs
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.evaluate import (
-    evaluate_base_and_adapter,
-    evaluate_pairs,
-    markdown_report,
-    resolve_eval_config,
-)
-from qlora_orpo.loss import log_odds, sequence_logps
-from qlora_orpo.stats import wilson_interval
-from qlora_orpo.train import run
+from qlora_orpo.data.collate import TokenizedPair, collate_pairs
+from qlora_orpo.evaluation.report import markdown_report
+from qlora_orpo.evaluation.scoring import evaluate_base_and_adapter, evaluate_pairs
+from qlora_orpo.evaluation.stats import wilson_interval
+from qlora_orpo.recipes.evaluate import resolve_eval_config
+from qlora_orpo.recipes.finetune import run
+from qlora_orpo.training.loss import log_odds, sequence_logps
+from qlora_orpo.training.metrics import read_metrics
 
 VOCAB = 97
 BETA = 0.2
@@ -220,7 +217,7 @@ def test_markdown_report_without_adapter():
 
 
 def test_report_with_adapter_health_and_a_sweep_row():
-    from qlora_orpo.report import sweep_table
+    from qlora_orpo.evaluation.report import sweep_table
 
     base = {"pairs": 100, "reward_accuracy": 0.5, "reward_accuracy_low": 0.4, "reward_accuracy_high": 0.6,
             "log_odds_ratio": 0.0, "reward_margin": 0.0, "chosen_logp": -3.0, "rejected_logp": -3.1,

@@ -1,4 +1,4 @@
-"""Tests of qlora_orpo.export: the merge invariant, idempotence, verification and its tolerance.
+"""Tests of qlora_orpo.export.merged: the merge invariant, idempotence, verification and its tolerance.
 
 As in peft's ``_test_merge_layers``: the adapter is made non-identity first (random A and B),
 then base + adapter logits must equal the merged model's after a safetensors round trip loaded
@@ -18,10 +18,10 @@ import torch
 from conftest import build_tiny_llama, build_tokenizer
 from safetensors import safe_open
 
-from qlora_orpo import adapters as A
-from qlora_orpo import export as E
 from qlora_orpo.cli.export import main as export_main
 from qlora_orpo.config import OrpoConfig
+from qlora_orpo.export import adapters as A
+from qlora_orpo.export import merged as E
 
 IDS = [[5, 17, 42, 99, 7, 3, 250, 11, 64, 1], [2, 300, 8, 8, 120]]
 
@@ -290,7 +290,7 @@ def test_verification_texts_are_held_out_pairs_of_the_training_data(tiny, tmp_pa
     info = A.read_adapter(tiny["adapter"])
     info.card["qlora_orpo"]["training"].update({"data": str(data), "eval_fraction": 0.1})
     texts, origin = E.verification_texts(info, load_base(tiny["base"])[1], count=3)
-    from qlora_orpo.data import load_preferences, split_holdout
+    from qlora_orpo.data.preferences import load_preferences, split_holdout
 
     _, held = split_holdout(load_preferences(str(data)).pairs, 0.1)
     assert origin.startswith("3 held-out pairs") and len(texts) == 3

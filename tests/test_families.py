@@ -9,9 +9,8 @@ import pytest
 import torch
 from families import FAMILIES
 
-from qlora_orpo.data import PreferencePair
-from qlora_orpo.step import OutputHead, chunked_token_logps
-from qlora_orpo.templating import (
+from qlora_orpo.data.preferences import PreferencePair
+from qlora_orpo.data.templating import (
     ChatFormat,
     render_prompt,
     show_example,
@@ -19,6 +18,7 @@ from qlora_orpo.templating import (
     tokenize_pair,
     tokenize_pairs,
 )
+from qlora_orpo.training.step import OutputHead, chunked_token_logps
 
 NAMES = sorted(FAMILIES)
 
@@ -95,7 +95,7 @@ def test_truncated_prompt_keeps_bos_and_system_header(family):
 
 
 def test_template_error_names_file_row_and_field():
-    from qlora_orpo.errors import DataError
+    from qlora_orpo.core.errors import DataError
 
     fam = FAMILIES["gemma2"]
     tokenizer = fam.build_tokenizer()
@@ -200,11 +200,11 @@ def write_pairs(path, n=12, system=False):
 def test_dry_run_shows_the_trained_span_then_train_export_and_reload(name, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from qlora_orpo.chat import chat, load_for_chat
     from qlora_orpo.cli.train import main
     from qlora_orpo.config import OrpoConfig
-    from qlora_orpo.export import export_merged
-    from qlora_orpo.train import run
+    from qlora_orpo.export.merged import export_merged
+    from qlora_orpo.recipes.chat import chat, load_for_chat
+    from qlora_orpo.recipes.finetune import run
 
     fam = FAMILIES[name]
     model_dir = fam.save(tmp_path / name)
@@ -232,7 +232,7 @@ def test_dry_run_shows_the_trained_span_then_train_export_and_reload(name, tmp_p
     assert type(merged).__name__ == type(fam.build_model(fam.build_tokenizer())).__name__
     # Chat with the adapter: generation stops at the end-of-turn token at the latest.
     model, tokenizer = load_for_chat(adapter=summary["adapter"], device="cpu")
-    from qlora_orpo.chat import GenerationSettings
+    from qlora_orpo.recipes.chat import GenerationSettings
 
     replies = chat(model, tokenizer, ["hello world"], GenerationSettings(max_new_tokens=8), out=open("/dev/null", "w"))
     assert isinstance(replies[0]["reply"], str)
@@ -243,7 +243,7 @@ def test_memory_floor_counts_the_lora_parameters_peft_creates(name):
     """Phi-3's fused qkv_proj/gate_up_proj must not be counted as separate q/k/v/gate/up layers."""
     from peft import LoraConfig, get_peft_model
 
-    from qlora_orpo.bench.floor import ModelShape
+    from qlora_orpo.models.floor import ModelShape
 
     fam = FAMILIES[name]
     model = fam.build_model(fam.build_tokenizer())

@@ -1,4 +1,4 @@
-"""Tests of qlora_orpo.gguf_export: a tiny random Llama (tied embeddings) and Qwen2 (untied, q/k/v
+"""Tests of qlora_orpo.export.gguf: a tiny random Llama (tied embeddings) and Qwen2 (untied, q/k/v
 biases, EOS different from the end-of-turn token), each with a non-identity adapter, exported to
 every quant type and read back with transformers' own GGUF reader.
 
@@ -16,14 +16,14 @@ import pytest
 import torch
 from conftest import CORPUS, build_tiny_llama, build_tokenizer
 
-from qlora_orpo import adapters as A
-from qlora_orpo import export as E
-from qlora_orpo import gguf_export as G
-from qlora_orpo import gguf_verify as GV
-from qlora_orpo import gguf_vocab as V
 from qlora_orpo.bench.tiny import CHAT_TEMPLATE
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.errors import ConfigError
+from qlora_orpo.core.errors import ConfigError
+from qlora_orpo.export import adapters as A
+from qlora_orpo.export import gguf as G
+from qlora_orpo.export import gguf_verify as GV
+from qlora_orpo.export import gguf_vocab as V
+from qlora_orpo.export import merged as E
 
 IDS = [[5, 17, 42, 99, 7, 3, 250, 11, 64, 1], [2, 300, 8, 8, 120, 33, 4]]
 
@@ -279,7 +279,7 @@ def test_config_export_is_a_choice_and_accepts_old_booleans():
 def test_finetune_with_export_gguf_writes_the_file_and_modelfile(tmp_path):
     from test_train import WORDS, tiny_config
 
-    from qlora_orpo.train import run
+    from qlora_orpo.recipes.finetune import run
 
     tokenizer = build_tokenizer()
     build_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import build_tiny_llama, build_tokenizer
 
-from qlora_orpo.health import (
+from qlora_orpo.data.templating import render_prompt, stop_token_ids
+from qlora_orpo.evaluation.health import (
     Reply,
     compare_health,
     distinct_n,
@@ -22,7 +23,6 @@ from qlora_orpo.health import (
     split_reply,
     summarise_replies,
 )
-from qlora_orpo.templating import render_prompt, stop_token_ids
 
 
 def test_seq_rep_4_on_hand_made_lists():

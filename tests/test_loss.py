@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_orpo.loss import (
-    IGNORE_INDEX,
+from qlora_orpo.data.collate import IGNORE_INDEX
+from qlora_orpo.training.loss import (
     inverse_one_minus_p,
     log1mexp,
     log_odds,

@@ -1,4 +1,4 @@
-"""Unit tests of qlora_orpo.memory (fast; no model)."""
+"""Unit tests of qlora_orpo.models.memory (fast; no model)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from qlora_orpo import memory
-from qlora_orpo.memory import (
+from qlora_orpo.models import memory
+from qlora_orpo.models.memory import (
     apply_cpu_allocator_policy,
     format_memory,
     malloc_trim,
@@ -108,7 +108,7 @@ def test_auto_defers_to_a_preloaded_jemalloc(monkeypatch):
 _FRAGMENT_SCRIPT = textwrap.dedent(
     """
     import ctypes, sys
-    from qlora_orpo.memory import apply_cpu_allocator_policy, peak_memory
+    from qlora_orpo.models.memory import apply_cpu_allocator_policy, peak_memory
     print(apply_cpu_allocator_policy(sys.argv[1]))
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -160,11 +160,11 @@ def test_malloc_trim_returns_bool():
 
 def _run_reexec(policy: str, extra_env: dict[str, str] | None = None) -> list[str]:
     child = (
-        "import os; from qlora_orpo.memory import _preloaded_allocator, apply_cpu_allocator_policy; "
+        "import os; from qlora_orpo.models.memory import _preloaded_allocator, apply_cpu_allocator_policy; "
         f"print(_preloaded_allocator()); print(apply_cpu_allocator_policy({policy!r}))"
     )
     code = (
-        "from qlora_orpo.memory import reexec_with_allocator\n"
+        "from qlora_orpo.models.memory import reexec_with_allocator\n"
         f"reexec_with_allocator({policy!r}, ['-c', {child!r}])\n"
         "print('not re-executed')\n"
     )

@@ -1,4 +1,4 @@
-"""Tests of qlora_orpo.model.
+"""Tests of qlora_orpo.models.loader.
 
 The integration tests use the embedded SmolLM2-135M model; it is converted once into the
 cache (``$QLORA_ORPO_CACHE`` or ``~/.cache/qlora_orpo``) and loaded once per module.
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_orpo import embedded as E
-from qlora_orpo import model as M
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.errors import ConfigError, ModelError
+from qlora_orpo.core.errors import ConfigError, ModelError
+from qlora_orpo.models import embedded as E
+from qlora_orpo.models import loader as M
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -498,7 +498,7 @@ def test_model_module_imports_without_loading_heavy_libraries():
     import sys
 
     code = (
-        "import sys, qlora_orpo.model; print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))"
+        "import sys, qlora_orpo.models.loader; print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ

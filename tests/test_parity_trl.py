@@ -16,8 +16,8 @@ from peft import LoraConfig, get_peft_model
 from trl.experimental.orpo import ORPOTrainer
 
 from qlora_orpo.bench.trl_adapter import trl_inputs, trl_loss, trl_trainer
-from qlora_orpo.collate import TokenizedPair, collate_pairs
-from qlora_orpo.step import OrpoStep
+from qlora_orpo.data.collate import TokenizedPair, collate_pairs
+from qlora_orpo.training.step import OrpoStep
 
 BETA = 0.25
 RTOL = 1e-4
@@ -134,7 +134,7 @@ def test_trl_nll_is_token_weighted(setup):
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         _, their_metrics = trl_loss(trainer, model, batch)
-        from qlora_orpo.step import forward_logps
+        from qlora_orpo.training.step import forward_logps
 
         per_sequence = forward_logps(model, batch.chosen, chunk_size=5, nll_over_prompt=True).nll
     predicted = (batch.chosen.attention_mask.sum(1) - 1).double()  # tokens with a prediction

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_orpo import plan as P
 from qlora_orpo.cli import main
-from qlora_orpo.errors import UserError
+from qlora_orpo.core.errors import UserError
+from qlora_orpo.models import plan as P
 
 # Llama-3-8B's public numbers (its config.json on the hub), written out by hand.
 LLAMA3_8B = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_orpo.plots import CURVES_FILE, PANELS, moving_average, plot_run
+from qlora_orpo.evaluation.plots import CURVES_FILE, PANELS, moving_average, plot_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot.py"

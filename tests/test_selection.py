@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_train import tiny_config, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 
-from qlora_orpo.checkpoint import read_metrics
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.selection import BestCheckpoint
-from qlora_orpo.train import run
+from qlora_orpo.evaluation.selection import BestCheckpoint
+from qlora_orpo.recipes.finetune import run
+from qlora_orpo.training.metrics import read_metrics
 
 BASE = {"ended_rate": 0.5, "seq_rep_4": 0.10}
 HEALTHY = {"ended_rate": 0.5, "seq_rep_4": 0.12}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qlora_orpo.stats import paired_bootstrap, wilson_interval, z_value
+from qlora_orpo.evaluation.stats import paired_bootstrap, wilson_interval, z_value
 
 
 def wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

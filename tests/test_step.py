@@ -7,9 +7,9 @@ import torch
 from conftest import build_tiny_llama, random_tokenized_pairs
 from peft import LoraConfig, get_peft_model
 
-from qlora_orpo.collate import SideBatch, TokenizedPair, collate_pairs
-from qlora_orpo.loss import IGNORE_INDEX, orpo_loss, sequence_logps
-from qlora_orpo.step import OrpoStep, OutputHead, chunked_token_logps, forward_logps, head_is_frozen
+from qlora_orpo.data.collate import IGNORE_INDEX, SideBatch, TokenizedPair, collate_pairs
+from qlora_orpo.training.loss import orpo_loss, sequence_logps
+from qlora_orpo.training.step import OrpoStep, OutputHead, chunked_token_logps, forward_logps, head_is_frozen
 
 VOCAB = 97
 
@@ -141,7 +141,7 @@ def test_split_gradient_is_exact_with_lora_dropout():
 
 def test_split_without_rng_restore_would_differ_under_dropout(monkeypatch):
     # Guards the RNG fork: if (c) drew a fresh mask the gradient would change.
-    import qlora_orpo.step as step
+    import qlora_orpo.training.step as step
 
     model = tiny_lora_model(dropout=0.3)
     batch = collate_pairs(random_pairs(2, seed=3), pad_token_id=0)

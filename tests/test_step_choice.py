@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from test_step import assert_grads_close, random_pairs, run_step, tiny_lora_model
 
-from qlora_orpo.bench.floor import ModelShape
-from qlora_orpo.collate import collate_pairs
-from qlora_orpo.step import OrpoStep
-from qlora_orpo.step_choice import StepChooser, available_memory_bytes
+from qlora_orpo.data.collate import collate_pairs
+from qlora_orpo.models.floor import ModelShape
+from qlora_orpo.training.step import OrpoStep
+from qlora_orpo.training.step_choice import StepChooser, available_memory_bytes
 
 SMOLLM2 = ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152,
                      tied_embeddings=True)
@@ -20,7 +20,7 @@ def chooser(budget_mib: float) -> StepChooser:
 
 
 def batch_of(length: int):
-    from qlora_orpo.collate import TokenizedPair
+    from qlora_orpo.data.collate import TokenizedPair
 
     pair = TokenizedPair(tuple(range(3, 3 + length // 2)), tuple(range(3, 3 + length // 2)), (5, 6, 7), row=1)
     return collate_pairs([pair], pad_token_id=0)

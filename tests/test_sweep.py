@@ -1,8 +1,8 @@
-"""Gain-against-time points and plot of a sweep (qlora_orpo.sweep), on hand-made metrics records."""
+"""Gain-against-time points and plot of a sweep (qlora_orpo.evaluation.sweep), on hand-made metrics records."""
 
 import pytest
 
-from qlora_orpo.sweep import gain_curve, minutes_at, plot_gain_curves, training_minutes_by_step
+from qlora_orpo.evaluation.sweep import gain_curve, minutes_at, plot_gain_curves, training_minutes_by_step
 
 
 def _train(step, seconds):

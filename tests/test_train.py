@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import build_tiny_llama, build_tokenizer
 
-from qlora_orpo.checkpoint import latest_checkpoint, read_metrics
 from qlora_orpo.config import OrpoConfig
-from qlora_orpo.errors import TrainingError
-from qlora_orpo.train import lr_lambda, run
+from qlora_orpo.core.errors import TrainingError
+from qlora_orpo.recipes.finetune import run
+from qlora_orpo.training.checkpoint import latest_checkpoint
+from qlora_orpo.training.metrics import read_metrics
+from qlora_orpo.training.optim import lr_lambda
 
 WORDS = "the quick brown fox jumps over lazy dog hello world capital France Paris bread flour water".split()
 
@@ -97,7 +99,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_mod
 
 def poison_micro_batch(monkeypatch, call: int, poison) -> None:
     """Run ``poison(step, out)`` after the ``call``-th micro-batch (1-based) of the training step."""
-    import qlora_orpo.step as step
+    import qlora_orpo.training.step as step
 
     calls = {"n": 0}
     real = step.OrpoStep.__call__
@@ -145,7 +147,7 @@ def test_non_finite_gradient_stops_before_the_weights_change(tmp_path, tiny_mode
 def test_8bit_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     """bitsandbytes' 8-bit AdamW keeps a nested dict of quantised state; a checkpoint must hold it (no pickle)."""
     bnb = pytest.importorskip("bitsandbytes")
-    from qlora_orpo.checkpoint import _flatten_optimizer, _unflatten_optimizer
+    from qlora_orpo.training.checkpoint import _flatten_optimizer, _unflatten_optimizer
 
     params = [torch.nn.Parameter(torch.randn(4096 + 7)), torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(9))]
     optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
@@ -185,7 +187,7 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, tiny_model_dir, tin
 
 
 def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
-    import qlora_orpo.checkpoint as checkpoint
+    import qlora_orpo.training.checkpoint as checkpoint
 
     real = checkpoint.save_file
     writes = {"n": 0}
@@ -237,7 +239,7 @@ def test_resume_with_more_steps_continues_the_same_losses(tmp_path, tiny_model_d
 
 
 def test_resume_refuses_a_change_that_alters_the_training(tmp_path, tiny_model_dir, tiny_data):
-    from qlora_orpo.errors import ConfigError
+    from qlora_orpo.core.errors import ConfigError
 
     cfg = tiny_config(tmp_path, tiny_model_dir, tiny_data, max_steps=2, save_every=0)
     run(cfg)
@@ -247,7 +249,7 @@ def test_resume_refuses_a_change_that_alters_the_training(tmp_path, tiny_model_d
 
 def test_ctrl_c_mid_accumulation_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_data,
                                                                           monkeypatch):
-    from qlora_orpo.step import OrpoStep
+    from qlora_orpo.training.step import OrpoStep
 
     # lora_dropout > 0: the resumed run must also restore the RNG of the last completed step's end.
     common = dict(lora_dropout=0.1, save_every=2, grad_accum=3, max_steps=5)
@@ -292,7 +294,7 @@ def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, tiny_model_
 
 
 def test_same_step_checkpoint_is_replaced_atomically_and_save_total_limit_prunes(tmp_path):
-    from qlora_orpo.checkpoint import TrainState, save_checkpoint
+    from qlora_orpo.training.checkpoint import TrainState, save_checkpoint
 
     class Model(torch.nn.Module):  # save_pretrained is all a checkpoint needs of the model
         def __init__(self):

@@ -25,7 +25,7 @@ with grad costs ``2F + B``.
 * ``joint``, ``sequential`` and TRL's path: both sides with grad once: ``4F + 2B``.
 
 ``roofline_seconds = step_flops / rate`` with ``rate`` the machine's measured matmul rate in
-the step's compute dtype (:func:`qlora_orpo.dtype_probe.matmul_rate`): the time the step
+the step's compute dtype (:func:`qlora_orpo.models.dtype_probe.matmul_rate`): the time the step
 would take if every FLOP ran at that rate and nothing else cost anything. ``time / roofline``
 then says how far the step is from its matmul bound (the LoRA matmuls run in float32, often
 slower than that rate, so the bound is optimistic for a bfloat16 step).
@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .floor import ModelShape
+from ..models.floor import ModelShape
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def plot_memory(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
                             color=line.get_color())
     floor = sorted({(r["max_length"], r["floor_step_mib"]) for r in measured})
     ax.plot(*zip(*floor, strict=True), linestyle="--", marker="x", color="grey",
-            label="analytic floor (bench/floor.py); labels: measured / floor")
+            label="analytic floor (models/floor.py); labels: measured / floor")
     ax.set_xscale("log", base=2)
     ax.set_xticks([x for x, _ in floor], labels=[str(x) for x, _ in floor])
     ax.set_xlabel("max_length (tokens per side; one pair)")
@@ -110,7 +110,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: Path, settings: dict[s
 
 def describe_machine() -> dict[str, Any]:
     """CPU model, cores and GPU, for the report."""
-    from ..dtype_probe import cpu_model
+    from ..models.dtype_probe import cpu_model
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .floor import MIB, ModelShape, memory_floor
+from ..models.floor import MIB, ModelShape, memory_floor
 from .flops import step_flops
 
 GIB = 1024 * MIB
@@ -57,7 +57,7 @@ class Estimate:
 def estimate(shape: ModelShape, engine: str, gpus: int, a: Assumptions = Assumptions()) -> Estimate:
     """Per-GPU memory floor and optimizer-step time of ``engine`` (ddp/fsdp2) on ``gpus`` GPUs."""
     floor = memory_floor(shape, a.seq_len, a.lora_r, chunk_size=64, activation_bytes=2)
-    unquantised = 2 * shape.full_precision_params  # bfloat16 on a GPU (model.py)
+    unquantised = 2 * shape.full_precision_params  # bfloat16 on a GPU (models/loader.py)
     persistent = floor.weights_4bit + floor.quant_stats + unquantised + floor.lora_weights
     activations = floor.backward_bytes - floor.lora_grads  # boundaries + max(layer, logits chunk)
     pairs_per_gpu = a.global_pairs / gpus

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from ..collate import TokenizedPair
 from ..config import EMBEDDED, OrpoConfig
-from ..templating import tokenize_pair
+from ..data.collate import TokenizedPair
+from ..data.templating import tokenize_pair
 
 METHODS = ("trl", "joint", "sequential", "split")
 DEFAULT_METHODS = ("trl", "joint", "split")
@@ -100,7 +100,7 @@ def fixed_pair(tokenizer, max_length: int, data: str = EMBEDDED) -> TokenizedPai
     response (with its EOS) repeated and cut to the remaining tokens. Every configuration
     gets the same ids, so their losses are comparable.
     """
-    from ..data import load_preferences
+    from ..data.preferences import load_preferences
 
     unlimited = 10**9
     for pair in load_preferences(data).pairs:

@@ -81,7 +81,7 @@ def build_tiny_model_dir(path: Path, data: str = EMBEDDED, vocab_size: int = 512
     For ``--quick`` runs: long positions (4096) so every benchmark length fits, tied embeddings
     as in SmolLM2.
     """
-    from ..data import load_preferences
+    from ..data.preferences import load_preferences
 
     pairs = load_preferences(data).pairs[:200]
     corpus = [m["content"] for p in pairs for m in p.prompt] + [p.chosen for p in pairs] + [p.rejected for p in pairs]
@@ -104,7 +104,7 @@ def build_smollm2_shaped_dir(path: Path, data: str = EMBEDDED, vocab_size: int =
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..data import load_preferences
+    from ..data.preferences import load_preferences
 
     pairs = load_preferences(data).pairs
     corpus = [m["content"] for p in pairs for m in p.prompt] + [p.chosen for p in pairs] + [p.rejected for p in pairs]

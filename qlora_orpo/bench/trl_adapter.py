@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..collate import PairBatch
+from ..data.collate import PairBatch
 
 TRL_MISSING = "trl is not installed (install the bench extra: pip install -e '.[bench]'); TRL row skipped"
 

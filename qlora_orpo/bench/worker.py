@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
-from ..collate import collate_pairs
-from ..dtype_probe import matmul_rate
-from ..memory import (
+from ..data.collate import collate_pairs
+from ..models.dtype_probe import matmul_rate
+from ..models.floor import ModelShape, memory_floor
+from ..models.memory import (
     MIB,
     MIMALLOC_ENV,
     apply_cpu_allocator_policy,
@@ -47,7 +48,6 @@ from ..memory import (
     peak_memory,
     reset_peak_memory,
 )
-from .floor import ModelShape, memory_floor
 from .flops import roofline_seconds, step_flops
 from .spec import PEER, BenchSpec, fixed_pair
 from .trl_adapter import TRL_MISSING, peer_missing_reason, trl_loss, trl_trainer
@@ -85,8 +85,8 @@ def run_worker(spec: BenchSpec) -> dict[str, Any]:
     row = _head(spec)
     if spec.method == PEER and peer_missing_reason():  # checked before the model is loaded
         return {**row, "skipped": TRL_MISSING}
-    from ..model import load_model_for_training
-    from ..step import OrpoStep
+    from ..models.loader import load_model_for_training
+    from ..training.step import OrpoStep
 
     cfg = spec.config()
     row["allocator_detail"] = apply_cpu_allocator_policy(cfg.cpu_allocator)

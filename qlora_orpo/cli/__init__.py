@@ -15,7 +15,7 @@ import importlib
 import sys
 from types import ModuleType
 
-from ..errors import command
+from ..core.errors import command
 
 # subcommand -> (module in this package, one-line summary for `qlora-orpo --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

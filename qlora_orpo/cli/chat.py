@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import command
+from ..core.errors import command
 
 DESCRIPTION = ("Generate replies with the chat template from an adapter on its base, or from a model "
                "directory. Prompts come from --prompt, else one per line of stdin until EOF.")
@@ -40,7 +40,7 @@ def build_parser(prog: str = "qlora-orpo chat") -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from .. import chat as C
+    from ..recipes import chat as C
 
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         parser.error("--temperature and --top-p apply only with --sample")

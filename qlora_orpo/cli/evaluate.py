@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import command
+from ..core.errors import command
 
 DESCRIPTION = ("Held-out preference metrics of a base model and base + adapter, side by side. Settings "
                "default to the adapter's training config (its card), so the held-out split is the one training held out.")
@@ -58,13 +58,14 @@ def build_parser(prog: str = "qlora-orpo eval") -> argparse.ArgumentParser:
 
 def run(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """A markdown table on stdout, JSON with ``--json``."""
-    from ..evaluate import markdown_report, resolve_eval_config, run_evaluation
+    from ..evaluation.report import markdown_report
+    from ..recipes.evaluate import resolve_eval_config, run_evaluation
 
     args = vars(namespace)
     actions = {name: args.pop(name) for name in ACTION_ARGS}
     cfg = resolve_eval_config(actions["adapter"], actions["config"], args)
     if actions["adapter"] is not None and "model" not in args:
-        from ..adapters import read_adapter, resolve_base
+        from ..export.adapters import read_adapter, resolve_base
 
         info = read_adapter(actions["adapter"], require_card=not actions["force"])
         if info.card is not None:

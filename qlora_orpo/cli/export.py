@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..errors import command
+from ..core.errors import command
 
 DESCRIPTION = ("Merge a LoRA adapter into its unquantised base and write a plain transformers directory "
                "(--format merged) or one GGUF file with an Ollama Modelfile (--format gguf), verified with "
@@ -37,10 +37,10 @@ def build_parser(prog: str = "qlora-orpo export") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..export import export_merged
+    from ..export.merged import export_merged
 
     if args.format == "gguf":
-        from ..gguf_export import export_gguf
+        from ..export.gguf import export_gguf
 
         print(json.dumps(export_gguf(args.adapter, args.out, args.quant, base=args.base, force=args.force).to_dict()))
         return 0

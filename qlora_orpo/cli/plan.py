@@ -13,7 +13,7 @@ PARSER_KWARGS: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..plan import OVERHEAD
+    from ..models.plan import OVERHEAD
 
     parser.add_argument("model", help="model directory, its config.json, 'embedded', or a hub id (owner/name)")
     parser.add_argument("--max-length", type=int, default=2048, help="tokens per side (prompt + response)")
@@ -36,7 +36,7 @@ def build_parser(prog: str = "qlora-orpo plan") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..plan import model_shape, read_model_config, render
+    from ..models.plan import model_shape, read_model_config, render
 
     for name in ("max_length", "batch_size", "lora_r", "logits_chunk_size"):
         if getattr(args, name) < (2 if name == "max_length" else 1):
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import command
+    from ..core.errors import command
 
     parser = build_parser()
     return command(lambda: run(parser.parse_args(argv), parser))()

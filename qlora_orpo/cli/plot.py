@@ -22,7 +22,7 @@ def build_parser(prog: str = "qlora-orpo plot") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..plots import plot_run
+    from ..evaluation.plots import plot_run
 
     status = 0
     for run_dir in args.run_dirs:

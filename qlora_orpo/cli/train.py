@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from ..config import OrpoConfig
-from ..errors import command
+from ..core.errors import command
 
 # Flags that are actions of this invocation, not part of the recorded config.
 ACTION_FLAGS = ("config", "dry_run", "resume", "show_examples")
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrpoConfig, dict[str, Any
 
 
 def _runs_on_cpu(cfg: OrpoConfig) -> bool:
-    from ..model import select_device
+    from ..models.loader import select_device
 
     return select_device(cfg.device).type == "cpu"
 
@@ -111,14 +111,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, reexec_argv: 
     dry_run = dry_run or actions["dry_run"]
     if reexec_argv is not None and not dry_run and _runs_on_cpu(cfg):
         # mimalloc or jemalloc must be preloaded at process start, so this may re-execute the command.
-        from ..memory import reexec_with_allocator
+        from ..models.memory import reexec_with_allocator
 
         reexec_with_allocator(cfg.cpu_allocator, reexec_argv)
     if dry_run:
-        from ..dry_run import dry_run as describe
+        from ..recipes.dry_run import dry_run as describe
 
         return describe(cfg, show_examples=actions["show_examples"])
-    from ..train import run as train
+    from ..recipes.finetune import run as train
 
     train(cfg, resume=actions["resume"], overrides=given if actions["resume"] else None)
     return 0

@@ -1,0 +1,302 @@
+"""Self-describing adapter folders: peft's own files plus a card that names and fingerprints the base.
+
+Layout of an adapter directory::
+
+    adapter_config.json          peft's config; ``base_model_name_or_path`` is the hub id where one is known
+    adapter_model.safetensors    the LoRA tensors (peft's names)
+    README.md                    the card: YAML front matter (hub metadata + ``qlora_orpo:``) and a short text
+
+Any peft release can load the folder (``PeftModel.from_pretrained(base, dir)``); the card is
+what lets :func:`load_adapter` refuse a base the adapter was not trained on. Its front matter
+holds, under ``qlora_orpo:``, the base (hub name, the ``--model`` value, the local path trained
+from, and its :func:`fingerprint`), the data (name, source, shape, rows), the resolved training
+config and the final held-out metrics.
+
+The fingerprint (``models/fingerprint.py``) and the card (``card.py``) have their own modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import AdapterError, AdapterMismatchError, UserError
+from ..core.files import atomic_write_text
+from ..models.fingerprint import (
+    FINGERPRINT_FIELDS,
+    describe_differences,
+    fingerprint,
+    fingerprint_differences,
+)
+from .card import EMBEDDED_HUB_ID, card_metadata, parse_card, render_card
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import OrpoConfig
+    from ..data.preferences import PreferenceData
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an adapter directory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter directory says about itself (after its files were checked)."""
+
+    path: Path
+    peft_config: dict[str, Any]
+    card: dict[str, Any] | None  # the front matter; None only when the card is missing and not required
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return self.card["qlora_orpo"]["base"] if self.card else {}
+
+    @property
+    def expected_fingerprint(self) -> dict[str, Any] | None:
+        return self.base.get("fingerprint")
+
+
+def read_adapter(adapter_dir: str | Path, require_card: bool = True) -> AdapterInfo:
+    """Check the three files of an adapter directory and return their metadata.
+
+    Every problem is an :class:`AdapterError` naming the file: a missing directory or
+    ``adapter_config.json``, JSON that does not parse, ``adapter_model.safetensors`` missing or
+    unreadable (its tensors are read in full, about 20 MB for r=16 on SmolLM2-135M), a
+    ``README.md`` missing (unless ``require_card`` is False) or without front matter.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such adapter directory")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: missing; an adapter directory needs peft's {CONFIG_FILE}")
+    try:
+        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(peft_config, dict) or "peft_type" not in peft_config:
+        raise AdapterError(f"{config_path}: not a peft adapter config (no 'peft_type')")
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterError(f"{weights_path}: missing; the adapter's weights must be in {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError or ValueError
+        raise AdapterError(f"{weights_path}: unreadable safetensors file ({str(exc).splitlines()[0]})") from None
+    if not tensors:
+        raise AdapterError(f"{weights_path}: holds no tensors")
+    card_path = path / CARD_FILE
+    if not card_path.is_file():
+        if require_card:
+            raise AdapterError(f"{card_path}: missing; it records the base the adapter was trained on")
+        return AdapterInfo(path, peft_config, None)
+    try:
+        text = card_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{card_path}: cannot read it ({exc})") from None
+    return AdapterInfo(path, peft_config, parse_card(text, card_path))
+
+
+def resolve_base(info: AdapterInfo, override: str | None = None) -> str:
+    """The local directory of the adapter's base: ``override``, else what the card records.
+
+    In order: the local path trained from, if it still exists; the ``--model`` value trained
+    with (``"embedded"`` converts the embedded model if needed); the hub name (the embedded
+    model's hub id maps to ``"embedded"``); finally peft's ``base_model_name_or_path``.
+    """
+    from ..models.loader import resolve_model_path
+
+    if override:
+        return resolve_model_path(override)
+    base = info.base
+    candidates: list[str] = []
+    if base.get("path") and Path(str(base["path"])).is_dir():
+        return str(base["path"])
+    for value in (base.get("model"), base.get("name"), info.peft_config.get("base_model_name_or_path")):
+        if value:
+            candidates.append("embedded" if value == EMBEDDED_HUB_ID else str(value))
+    tried: list[str] = []
+    for candidate in dict.fromkeys(candidates):
+        try:
+            return resolve_model_path(candidate)
+        except UserError as exc:
+            tried.append(str(exc))
+    raise AdapterError(
+        f"{info.path}: cannot find the base it was trained on ({'; '.join(tried) or 'the card names none'}); "
+        "pass the base explicitly"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def save_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: OrpoConfig | None,
+    adapter_dir: str | Path,
+    data: PreferenceData | None = None,
+    metrics: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model``'s adapter as a self-describing directory; returns ``adapter_dir``.
+
+    ``state_dict``: the weights to write instead of the model's own, keyed as its
+    ``state_dict()`` (a sharded model's, gathered whole: ``sharded_state.py``).
+
+    The files are written into a temporary sibling directory and renamed into place, so
+    ``adapter_dir`` is never half written (a previous adapter there is replaced only once the
+    new one is complete). ``adapter_config.json`` names the base by its hub id where one is
+    known; the card keeps the local path trained from.
+    """
+    from ..models.loader import quiet_checkpointing_renames
+
+    target = Path(adapter_dir)
+    meta = card_metadata(model, tokenizer, cfg, data, metrics, evaluation)
+    tmp = make_temp_dir(target)
+    try:
+        with quiet_checkpointing_renames():
+            if state_dict is None:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        config_path = tmp / CONFIG_FILE
+        peft_config = json.loads(config_path.read_text())
+        if meta.get("base_model"):
+            peft_config["base_model_name_or_path"] = meta["base_model"]
+        atomic_write_text(config_path, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / CARD_FILE, render_card(meta))  # replaces peft's generic card
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def make_temp_dir(target: Path) -> Path:
+    """An empty sibling of ``target`` to write into, with the permissions a plain mkdir would give."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Replace ``target`` (if any) by the complete directory ``new`` with renames only.
+
+    Files in ``new`` get the umask's permissions first: safetensors writes its files 0600,
+    which would keep an adapter or an export from other users of a shared machine.
+    """
+    mode = 0o666 & ~_umask()
+    for path in new.iterdir():
+        if path.is_file():
+            path.chmod(mode)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def check_base(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, info: AdapterInfo, force: bool = False
+) -> list[str]:
+    """Compare the base's fingerprint with the card's; returns the fields that differ.
+
+    Raises :class:`AdapterMismatchError` naming them, unless ``force``: then it warns
+    (``UserWarning``) and returns them.
+    """
+    expected = info.expected_fingerprint
+    card_path = info.path / CARD_FILE
+    if expected is None:  # only possible with require_card=False, i.e. force
+        warnings.warn(f"{card_path}: missing, so the base cannot be checked; loading anyway (force)",
+                      UserWarning, stacklevel=3)
+        return list(FINGERPRINT_FIELDS)
+    actual = fingerprint(model, tokenizer)
+    differ = fingerprint_differences(expected, actual)
+    if not differ:
+        return []
+    message = (f"{info.path}: trained on another base ({info.base.get('name')}): "
+               f"{describe_differences(expected, actual, differ)}")
+    if not force:
+        raise AdapterMismatchError(message + "; load the base it was trained on, or pass force=True (--force)", differ)
+    warnings.warn(message + "; loading anyway (force)", UserWarning, stacklevel=3)
+    return differ
+
+
+def load_adapter(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    adapter_dir: str | Path,
+    force: bool = False,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Wrap the plain transformers ``model`` with the adapter in ``adapter_dir``, after checking the base.
+
+    The base's :func:`fingerprint` must equal the card's, or :class:`AdapterMismatchError`
+    names the fields that differ; ``force=True`` loads anyway with a warning (and also
+    accepts a directory without a card). Missing or unreadable files raise
+    :class:`AdapterError` naming the file. Load the base in float32 or 4-bit: a bfloat16 copy
+    of a float32 checkpoint has other embedding bytes.
+    """
+    from ..models.bnb_cpu import import_bitsandbytes_quietly
+
+    import_bitsandbytes_quietly(required=False)  # before peft imports it: without its hub-kernel warning
+    from peft import PeftModel
+
+    info = read_adapter(adapter_dir, require_card=not force)
+    check_base(model, tokenizer, info, force=force)
+    weights = info.path / WEIGHTS_FILE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            peft_model = PeftModel.from_pretrained(
+                model, str(info.path), adapter_name=adapter_name, is_trainable=is_trainable
+            )
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise AdapterMismatchError(
+                f"{weights}: the adapter does not fit this base ({str(exc).strip().splitlines()[0]})"
+            ) from exc
+    for warning in caught:
+        text = str(warning.message)
+        if "missing adapter keys" in text and not force:
+            raise AdapterMismatchError(f"{weights}: {text.splitlines()[0]}")
+        if issubclass(warning.category, FutureWarning) and "gradient_checkpointing" in text:
+            continue  # transformers 5 telling peft about renamed methods (see model.quiet_checkpointing_renames)
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return peft_model

@@ -1,0 +1,74 @@
+"""``finetune.py --dry-run``: load the config, data and tokenizer, say what would be trained on."""
+
+from __future__ import annotations
+
+from ..config import OrpoConfig
+from ..data.preferences import PreferenceData, load_from_config, split_holdout
+from ..data.templating import ChatFormat, has_chat_template, show_example, tokenize_pairs
+
+
+def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99, 100)) -> dict[str, int]:
+    """Nearest-rank percentiles of a list of lengths, as ``{"p50": …, "max": …}``."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out = {}
+    for p in points:
+        index = min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))
+        out["max" if p == 100 else f"p{p}"] = ordered[index]
+    return out
+
+
+def describe_data(data: PreferenceData) -> list[str]:
+    lines = [
+        f"data:      {data.source}",
+        f"shape:     {data.shape} (detected)",
+        f"rows:      {data.total_rows} read, {len(data.pairs)} pairs kept, {len(data.skipped)} skipped",
+    ]
+    for reason, count in sorted(data.skip_reasons().items(), key=lambda kv: -kv[1]):
+        lines.append(f"  skipped  {count:>5} x {reason}")
+    for line in data.describe_skipped(limit=5):
+        lines.append(f"    e.g.   {line}")
+    return lines
+
+
+def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
+    from ..models.loader import load_tokenizer, resolve_model_path
+
+    data = load_from_config(cfg)
+    train_pairs, eval_pairs = split_holdout(data.pairs, cfg.eval_fraction)
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    train_tok, train_stats = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    eval_tok, eval_stats = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    lines = describe_data(data)
+    lines += [
+        f"split:     {len(train_pairs)} train / {len(eval_pairs)} held out (eval_fraction={cfg.eval_fraction})",
+        f"model:     {model_path}",
+        f"template:  {_describe_template(tokenizer)}",
+        f"lengths:   max_length={cfg.max_length}, max_prompt_length={cfg.max_prompt_length} (tokens, before truncation)",
+        f"  prompt   {_fmt(percentiles(train_stats.prompt_lengths))}",
+        f"  pair     {_fmt(percentiles(train_stats.sequence_lengths))}  (prompt + longer response)",
+        f"truncated: {train_stats.truncated_prompt} prompts, {train_stats.truncated_response} pairs' responses (train)",
+        f"dropped:   {len(train_stats.dropped_rows) + len(eval_stats.dropped_rows)} pairs with an empty response after truncation",
+        f"system:    {train_stats.system_folded} train prompts had their system turn folded into the first user turn"
+        if train_stats.system_folded else "system:    kept as the template writes it (or none in the data)",
+        f"trainable: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs after tokenisation",
+    ]
+    lines += [show_example(tokenizer, pair) for pair in train_tok[:show_examples]]
+    lines.append("dry run: nothing trained.")
+    print("\n".join(lines))
+    return 0
+
+
+def _describe_template(tokenizer) -> str:
+    fmt = ChatFormat.of(tokenizer)
+    end = tokenizer.decode(list(fmt.end_ids), skip_special_tokens=False)
+    if not has_chat_template(tokenizer):
+        return f"plain prompt + response (no chat template); replies end with {end!r}"
+    refuses = "; refuses a system turn (folded into the first user turn)" if fmt.folds_system else ""
+    return f"chat template; replies end with {end!r}{refuses}"
+
+
+def _fmt(p: dict[str, int]) -> str:
+    return "  ".join(f"{k}={v}" for k, v in p.items())

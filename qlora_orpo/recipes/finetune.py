@@ -1,0 +1,247 @@
+"""The ORPO fine-tuning recipe behind ``qlora-orpo train``: one run wired from the layers, top to bottom.
+
+    open the run directory (or the run to resume) -> load the data, hold out a share
+    -> load the 4-bit base with LoRA -> tokenise -> prepare the trainer
+    -> evaluate the base -> fit (periodic evaluation and checkpoints as hooks)
+    -> final checkpoint -> evaluate, select the best healthy checkpoint -> save the adapter
+    -> summary -> export (merged or GGUF) -> plots
+
+Each arrow is a call into a layer below (``data``, ``models``, ``training``, ``evaluation``,
+``export``); the loop itself (``training/loop.py``) knows nothing of evaluation or export.
+Under ``torchrun``/``accelerate launch`` every rank runs this: data-parallel, with rank 0
+alone writing the run directory (``training/distributed.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import OrpoConfig
+from ..core.errors import UserError
+from ..data.collate import TokenizedPair
+from ..data.preferences import PreferenceData, load_from_config, split_holdout
+from ..data.sampling import micro_batches
+from ..data.templating import tokenize_pairs
+from ..evaluation.run_evaluator import RunEvaluator
+from ..models.memory import apply_cpu_allocator_policy
+from ..training import distributed
+from ..training.checkpoint import latest_checkpoint
+from ..training.loop import LoopHooks, Trainer, fit, log, prepare
+from ..training.metrics import MetricsLogger
+from ..training.resume import resume_config
+from ..training.sharded_state import ShardedModel
+
+
+def run(
+    cfg: OrpoConfig,
+    resume: bool = False,
+    on_step_end: Callable[[int], None] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns the summary that is also logged. See ``qlora-orpo train --help``.
+
+    With ``resume`` the run's recorded config is used, changed only by ``overrides`` (the
+    values the user set; default: the fields of ``cfg`` that differ from the defaults) in
+    the fields :data:`training.resume.RESUMABLE_FIELDS` allows. Under ``torchrun``/``accelerate
+    launch`` every rank runs this: data-parallel, with rank 0 alone writing the run
+    directory (``training/distributed.py``).
+    """
+    from ..models.loader import select_device
+
+    dist = distributed.init(select_device(cfg.device))
+    try:
+        with dist.interrupts_at_micro_batch_ends():  # FSDP2: see training/loop.fit
+            summary = _finetune(cfg, resume, on_step_end, overrides, dist)
+        # Every rank past its last collective before the group goes: tearing gloo down while
+        # another rank's work is in flight aborts that process ("terminate called ...").
+        dist.barrier()
+        return summary
+    finally:
+        dist.shutdown()
+
+
+def _finetune(
+    cfg: OrpoConfig,
+    resume: bool,
+    on_step_end: Callable[[int], None] | None,
+    overrides: dict[str, Any] | None,
+    dist: distributed.Dist,
+) -> dict[str, Any]:
+    from ..models.loader import load_model_for_training, select_device
+
+    # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
+    on_cpu = select_device(cfg.device).type == "cpu"
+    allocator = apply_cpu_allocator_policy(cfg.cpu_allocator) if on_cpu else "CUDA caching allocator"
+    cfg, run_dir, checkpoint = open_run(cfg, resume, overrides, dist)
+    data, train_pairs, eval_pairs = load_data(cfg)
+    model, tokenizer, info = load_model_for_training(cfg)
+    log(f"model: {info.describe()}; allocator: {allocator}")
+    train_tok, eval_tok = tokenise(cfg, tokenizer, train_pairs, eval_pairs)
+    if dist.enabled:
+        log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}")
+    trainer = prepare(cfg, model, tokenizer.pad_token_id, info.compute_dtype, info.device, train_tok, dist,
+                      run_dir, str(data.source), checkpoint)
+    step = trainer.state.step
+    metrics_log = (
+        MetricsLogger(run_dir, cfg.report_to, resume_step=step if resume else None, config=cfg.to_dict())
+        if dist.is_main else distributed.NullLog()
+    )
+    # Before/periodic/after evaluations, health checks and best-checkpoint selection: run_evaluator.py.
+    # Under DDP the weights are equal on every rank and rank 0 alone evaluates; under FSDP2 all do.
+    evaluates = dist.is_main or trainer.sharded is not None
+    evaluator = RunEvaluator(model, tokenizer, cfg, eval_tok if evaluates else [], eval_pairs, info.device, run_dir,
+                             metrics_log, log, source=str(data.source), resumed_step=step, sharded=trainer.sharded,
+                             writes=dist.is_main)
+    before = evaluator.before(step) if step == 0 and evaluates else None
+    batches = micro_batches(
+        train_tok, cfg.batch_size, cfg.seed, trainer.state.micro_batches, tokenizer.pad_token_id,
+        cfg.pad_to_multiple_of, dist.world_size, dist.rank,
+    )
+    hooks = LoopHooks(evaluate=evaluator.periodic if evaluates else None, save=trainer.save, on_step_end=on_step_end)
+    last = fit(trainer, batches, metrics_log, hooks)
+    if not evaluates:
+        return {"run_dir": str(run_dir), "steps": trainer.state.step, "tokens": trainer.state.tokens,
+                "rank": dist.rank}
+    return finish(trainer, evaluator, metrics_log, tokenizer, info, data, before, last)
+
+
+def open_run(
+    cfg: OrpoConfig, resume: bool, overrides: dict[str, Any] | None, dist: distributed.Dist
+) -> tuple[OrpoConfig, Path, Path | None]:
+    """The run directory, created with the resolved config in it; on resume, the run's own config and checkpoint."""
+    run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume))))  # rank 0's timestamp
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume:
+        if checkpoint is None:
+            raise UserError(f"--resume: {run_dir} has no complete checkpoint")
+        # The run's own config, not today's defaults; only schedule-independent fields may change.
+        cfg, changes = resume_config(run_dir, given_fields(cfg) if overrides is None else overrides)
+        log(f"resuming {run_dir} from {checkpoint.name}" + (f"; changed {'; '.join(changes)}" if changes else ""))
+    elif (run_dir / "checkpoints").exists():
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
+    dist.check_export(cfg.export)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_file(run_dir / "config.yaml")
+    dist.barrier()  # no rank reads the run directory while rank 0 writes it
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    return cfg, run_dir, checkpoint
+
+
+def resolve_run_dir(cfg: OrpoConfig, resume: bool) -> Path:
+    root = Path(cfg.output_dir)
+    if cfg.run_name:
+        return root / cfg.run_name
+    if resume:
+        runs = sorted((p for p in root.glob("*") if latest_checkpoint(p)), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise UserError(f"--resume: no run with a checkpoint in {root}")
+        return runs[-1]
+    return root / datetime.now().strftime("orpo-%Y%m%d-%H%M%S")
+
+
+def given_fields(cfg: OrpoConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that differ from the defaults: what an API caller set, for a resume."""
+    default = OrpoConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def load_data(cfg: OrpoConfig) -> tuple[PreferenceData, list, list]:
+    """The preference data, and its train and held-out shares."""
+    data = load_from_config(cfg)
+    train_pairs, eval_pairs = split_holdout(data.pairs, cfg.eval_fraction)
+    log(f"data: {data.source} ({data.shape}): {len(data.pairs)} pairs, {len(data.skipped)} rows skipped")
+    for reason, count in data.skip_reasons().items():
+        log(f"  skipped {count} x {reason}")
+    return data, train_pairs, eval_pairs
+
+
+def tokenise(cfg: OrpoConfig, tokenizer, train_pairs: list, eval_pairs: list) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    train_tok, train_stats = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    eval_tok, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    if cfg.eval_max_pairs:
+        eval_tok = eval_tok[: cfg.eval_max_pairs]
+    if not train_tok:
+        raise UserError("no training pair survived tokenisation (check max_length and max_prompt_length)")
+    log(f"tokenised: {len(train_tok)} train pairs ({train_stats.truncated} truncated, "
+        f"{len(train_stats.dropped_rows)} dropped), {len(eval_tok)} eval pairs")
+    if train_stats.system_folded:
+        log(f"  the chat template refuses a system turn: folded it into the first user turn in "
+            f"{train_stats.system_folded} train prompts")
+    return train_tok, eval_tok
+
+
+def finish(
+    trainer: Trainer, evaluator: RunEvaluator, metrics_log: MetricsLogger, tokenizer, info, data: PreferenceData,
+    before: dict[str, float] | None, last: dict[str, float],
+) -> dict[str, Any]:
+    """The end of a run: last checkpoint, final evaluation and selection, the adapter, the summary, exports, plots."""
+    cfg, state, dist, run_dir = trainer.cfg, trainer.state, trainer.dist, trainer.run_dir
+    of_rank = {"run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "rank": dist.rank}
+    trainer.save()
+    after, evaluation = evaluator.finish(state.step)
+    adapter_dir = save_final_adapter(trainer.model, tokenizer, cfg, run_dir, data, after, evaluation, trainer.sharded)
+    if not dist.is_main:
+        return of_rank
+    summary = {
+        "run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "adapter": str(adapter_dir),
+        "trainable_params": info.trainable_params, "total_params": info.total_params,
+        "final_train": last, "eval_before": before, "eval_after": after,
+    }
+    metrics_log.log({"step": state.step, "split": "summary", **{k: v for k, v in summary.items() if k != "final_train"}})
+    describe = f"done: {state.step} steps, {state.tokens} tokens, adapter in {adapter_dir}"
+    if before and after:
+        describe += (f"; held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
+                     f"margin {before['reward_margin']:+.4f} -> {after['reward_margin']:+.4f}")
+    log(describe)
+    if trainer.chooser is not None:
+        log(trainer.chooser.describe())
+    metrics_log.close()
+    export(cfg, adapter_dir, run_dir)
+    _write_plots(run_dir)
+    return summary
+
+
+def export(cfg: OrpoConfig, adapter_dir: Path, run_dir: Path) -> None:
+    """``--export``: the merged model or a GGUF file beside the adapter."""
+    if cfg.export == "merged":
+        from ..export.merged import export_merged
+
+        export_merged(adapter_dir, run_dir / "merged")
+    elif cfg.export == "gguf":
+        from ..export.gguf import export_gguf
+
+        export_gguf(adapter_dir, run_dir / "gguf" / f"{run_dir.name}-{cfg.gguf_quant}.gguf", cfg.gguf_quant)
+
+
+def save_final_adapter(
+    model, tokenizer, cfg: OrpoConfig, run_dir: Path, data, metrics: dict | None, evaluation: dict | None = None,
+    sharded: ShardedModel | None = None,
+) -> Path | None:
+    """The final adapter in peft format, with a card carrying the base's fingerprint and the evaluation.
+
+    ``sharded``: every rank calls this to gather the weights; rank 0 writes (the others get None).
+    """
+    from ..export.adapters import save_adapter
+
+    def write(state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        return save_adapter(model, tokenizer, cfg, run_dir / "adapter", data=data, metrics=metrics,
+                            evaluation=evaluation, state_dict=state_dict)
+
+    return write() if sharded is None else sharded.write_whole(write)
+
+
+def _write_plots(run_dir: Path) -> None:
+    try:
+        from ..evaluation.plots import plot_run
+    except ImportError:
+        return
+    plot_run(run_dir)

@@ -1,0 +1,90 @@
+"""``--step auto``: the faster step mode that fits the memory budget, chosen per micro-batch.
+
+``sequential`` holds both sides' checkpointed activations and runs one backward; ``split``
+holds one side at a time and pays an extra no-grad forward of the rejected side (measured
+11-13% slower, docs/benchmarks.md). Both give the joint loss's gradient. The choice compares
+the analytic memory floor (``bench.floor``) of the micro-batch's shape, times a measured
+overhead factor, with the budget: ``sequential`` when both sides fit, else ``split``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..data.collate import PairBatch
+from ..models.floor import ModelShape, memory_floor
+
+if TYPE_CHECKING:
+    from ..config import OrpoConfig
+
+MIB = 2**20
+# Measured peak above baseline / analytic floor for the split step on the embedded model:
+# 1.3 to 2.1 from 2048 down to 256 tokens (docs/benchmarks.md); the upper end, to be safe.
+OVERHEAD_FACTOR = 2.1
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """What the device has free now: CUDA's free memory, or the CPU's ``MemAvailable``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0  # unknown: only split is safe
+
+
+@dataclass
+class StepChooser:
+    """Picks ``sequential`` or ``split`` for each micro-batch and counts the choices."""
+
+    shape: ModelShape
+    budget_bytes: int
+    lora_r: int
+    lora_targets: str
+    chunk_size: int
+    activation_bytes: int
+    # Under FSDP2 every rank must run the same passes (each one gathers weights from all ranks):
+    # the mode the ranks agree on (distributed.Dist.agree_on_step_mode); None: this rank's own.
+    agree: Callable[[str], str] | None = None
+
+    def __post_init__(self) -> None:
+        self.counts: dict[str, int] = {"sequential": 0, "split": 0}
+
+    def predicted_bytes(self, tokens_per_side: int, sides: int) -> int:
+        """Predicted peak above the loaded model of a step holding ``sides`` sequences at once."""
+        targets = "all-linear" if self.lora_targets == "all-linear" else self.lora_targets.split(",")
+        floor = memory_floor(self.shape, tokens_per_side, self.lora_r, targets, self.chunk_size,
+                             self.activation_bytes, sequences=sides)
+        return int(OVERHEAD_FACTOR * floor.step_bytes)
+
+    def __call__(self, batch: PairBatch) -> str:
+        rows = batch.size
+        length = max(batch.chosen.input_ids.shape[1], batch.rejected.input_ids.shape[1])
+        mode = "sequential" if self.predicted_bytes(length, 2 * rows) <= self.budget_bytes else "split"
+        if self.agree is not None:
+            mode = self.agree(mode)
+        self.counts[mode] += 1
+        return mode
+
+    def describe(self) -> str:
+        used = ", ".join(f"{mode} {n}" for mode, n in self.counts.items() if n)
+        return f"step auto (budget {self.budget_bytes / MIB:,.0f} MiB): {used or 'no micro-batch yet'}"
+
+
+def chooser_for(cfg: OrpoConfig, model, device: torch.device, agree: Callable[[str], str] | None = None):
+    """The per-micro-batch chooser of ``--step auto`` for this model, device and budget (``agree``: FSDP2's)."""
+    budget = cfg.memory_budget_mib * MIB or available_memory_bytes(device)
+    return StepChooser(
+        shape=ModelShape.from_config(model.get_base_model().config), budget_bytes=budget, lora_r=cfg.lora_r,
+        lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
+        activation_bytes=model.get_input_embeddings().weight.element_size(), agree=agree,
+    )
