@@ -18,7 +18,7 @@ from qlora_orpo.data.templating import (
     tokenize_pair,
     tokenize_pairs,
 )
-from qlora_orpo.training.step import OutputHead, chunked_token_logps
+from qlora_orpo.training.head import OutputHead, chunked_token_logps
 
 NAMES = sorted(FAMILIES)
 

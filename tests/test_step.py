@@ -8,8 +8,9 @@ from conftest import build_tiny_llama, random_tokenized_pairs
 from peft import LoraConfig, get_peft_model
 
 from qlora_orpo.data.collate import IGNORE_INDEX, SideBatch, TokenizedPair, collate_pairs
+from qlora_orpo.training.head import OutputHead, chunked_token_logps, head_is_frozen
 from qlora_orpo.training.loss import orpo_loss, sequence_logps
-from qlora_orpo.training.step import OrpoStep, OutputHead, chunked_token_logps, forward_logps, head_is_frozen
+from qlora_orpo.training.step import OrpoStep, forward_logps
 
 VOCAB = 97
 

@@ -111,8 +111,15 @@ class OrpoConfig:
         "auto",
         "Training step: 'split' runs chosen and rejected passes one after the other with the exact joint "
         "gradient; 'sequential' holds both graphs for one backward (11-13% faster, more memory); 'joint' "
-        "concatenates them in one forward; 'auto' picks sequential per micro-batch when it fits memory_budget_mib.",
-        ("auto", "split", "sequential", "joint"),
+        "concatenates them in one forward; 'shared' lays each pair out once as [prompt | chosen | rejected] and "
+        "packs the micro-batch's pairs into rows of up to pack_tokens (the prompt runs once); 'auto' picks "
+        "sequential per micro-batch when it fits memory_budget_mib.",
+        ("auto", "split", "sequential", "joint", "shared"),
+    )
+    pack_tokens: int = _f(
+        0,
+        "With step 'shared': tokens per packed row (a pair longer than this gets a row of its own); "
+        "0 = every pair of the micro-batch in one row.",
     )
     memory_budget_mib: int = _f(
         0,
@@ -186,7 +193,8 @@ class OrpoConfig:
         self._check_range("eval_fraction", self.eval_fraction, 0.0, 0.9)
         self._check_range("lora_dropout", self.lora_dropout, 0.0, 0.9)
         self._check_range("epochs", self.epochs, 0.0, 1e6, low_open=True)
-        for name in ("max_steps", "eval_max_pairs", "eval_every", "save_every", "memory_budget_mib", "max_prompt_length"):
+        for name in ("max_steps", "eval_max_pairs", "eval_every", "save_every", "memory_budget_mib", "max_prompt_length",
+                     "pack_tokens"):
             self._check_int(name, 0)
         for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "log_every", "eval_batch_size",
                      "pad_to_multiple_of", "save_total_limit"):

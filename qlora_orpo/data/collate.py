@@ -58,9 +58,10 @@ class PairBatch:
     chosen: SideBatch
     rejected: SideBatch
     rows: list[int]
+    pairs: tuple[TokenizedPair, ...] = ()  # the pairs themselves, for the shared layout (``packing.py``)
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(self.chosen.to(device), self.rejected.to(device), self.rows)
+        return PairBatch(self.chosen.to(device), self.rejected.to(device), self.rows, self.pairs)
 
     @property
     def size(self) -> int:
@@ -96,7 +97,7 @@ def collate_pairs(items: Sequence[TokenizedPair], pad_token_id: int, pad_to_mult
     """Batch pairs: chosen and rejected padded separately (see the module docstring)."""
     chosen = pad_side([(it.prompt_ids, it.chosen_ids) for it in items], pad_token_id, pad_to_multiple_of)
     rejected = pad_side([(it.prompt_ids, it.rejected_ids) for it in items], pad_token_id, pad_to_multiple_of)
-    return PairBatch(chosen, rejected, [it.row for it in items])
+    return PairBatch(chosen, rejected, [it.row for it in items], tuple(items))
 
 
 def concat_sides(batch: PairBatch, pad_token_id: int) -> SideBatch:
