@@ -276,3 +276,17 @@ def test_quick_benchmark_runs_without_trl_and_says_so(tmp_path):
     assert "| trl | 32 | trim | skipped: trl is not installed" in done.stdout
     assert (out / "memory_vs_length.png").stat().st_size > 0
     assert (out / "results.md").read_text().startswith("| method |")
+
+
+def test_natural_benchmark_trains_the_same_pairs_with_trl_and_ours(tiny_model_dir):
+    """Each tool's own trainer, in its own process, on natural-length pairs: every row has per-step times."""
+    from qlora_orpo.bench.natural import NaturalSpec, markdown
+    from qlora_orpo.bench.natural import run_in_subprocess as run_natural
+
+    rows = [run_natural(NaturalSpec(method=m, max_length=64, steps=2, pairs_per_step=2, model=str(tiny_model_dir)),
+                        timeout=600) for m in ("trl", "sequential", "shared-packed")]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["pairs"] == 4 and len(row["step_seconds"]) == 2 and row["seconds_per_step"] > 0
+    table = markdown(rows)
+    assert "| 64 | trl |" in table and "1.00x" in table and "shared-packed" in table

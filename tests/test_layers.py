@@ -1,9 +1,8 @@
 """The package's layering, read from the source: every import points down, and no module imports itself back.
 
 The layer order is written once, here. A module may import its own layer (its own subpackage)
-and any layer below it; never a layer above, nor a layer of the same rank beside it
-(``recipes`` and ``bench``). Every import statement counts: module level, inside functions,
-and under ``TYPE_CHECKING``.
+and any layer below it; never a layer above, nor a layer of the same rank beside it. Every
+import statement counts: module level, inside functions, and under ``TYPE_CHECKING``.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("training",),
     ("evaluation",),
     ("export",),
-    ("recipes", "bench"),
+    ("recipes",),
+    ("bench",),  # beside the product: it times the recipes and the peer
     ("cli",),
     ("train", "__main__"),  # the public ``qlora_orpo.train.run`` and ``python -m qlora_orpo``
 ]

@@ -12,11 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..bench.natural import NATURAL_METHODS, PEER, NaturalSpec, markdown, run_in_subprocess
 from ..bench.report import describe_machine, markdown_table, write_report
 from ..bench.spec import ALLOCATORS, DEFAULT_METHODS, LENGTHS, METHODS, QUICK_LENGTHS, BenchSpec, plan
 from ..bench.tiny import build_tiny_model_dir
 from ..bench.worker import run_benchmark, worker_main
 from ..config import EMBEDDED, OrpoConfig
+from ..core.files import atomic_write_text
 
 DESCRIPTION = ("Peak memory, time and loss of one ORPO optimizer step: TRL's loss path vs ours "
                "(--step joint, --step split), each configuration in a fresh process.")
@@ -62,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per configuration")
     parser.add_argument("--out", type=Path, help="directory for results.json, results.md and memory_vs_length.png "
                         "(default bench_results/orpo-<time>)")
+    parser.add_argument("--natural", type=_csv(str, (PEER, *NATURAL_METHODS)),
+                        help="train natural-length HH pairs instead, with each tool's own trainer: TRL's "
+                        f"ORPOTrainer ('{PEER}') and ours in these modes, from {', '.join(NATURAL_METHODS)} "
+                        "(--steps optimizer steps of 8 pairs; --lengths default 512,1024)")
+    parser.add_argument("--pack-tokens", type=int, default=0, help="with --natural: tokens per packed row of shared-packed")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
 
 
@@ -94,6 +101,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, script: Path 
         argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker)
+    if args.natural:
+        return run_natural(args, argv)
     lengths = args.lengths or list(QUICK_LENGTHS if args.quick else LENGTHS)
     methods = ["split"] if args.allocators else args.methods
     allocators = args.allocators or [args.allocator]
@@ -119,3 +128,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, script: Path 
     print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     failed = [r for r in rows if "error" in r]
     return 1 if failed else 0
+
+
+def run_natural(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--natural``: each configuration trains the same natural HH pairs in its own process."""
+    out_dir = args.out or Path("bench_results") / time.strftime("natural-%Y%m%d-%H%M%S")
+    steps = max(2, args.steps)  # the first step is reported apart, so at least one more
+    rows = []
+    for length in args.lengths or [512, 1024]:
+        for method in args.natural:
+            spec = NaturalSpec(method=method, max_length=length, steps=steps, model=args.model, beta=args.beta,
+                               pack_tokens=args.pack_tokens)
+            rows.append(run_in_subprocess(spec, args.timeout))
+            print(json.dumps(rows[-1]), flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    settings = {"machine": describe_machine(), "command": " ".join(["qlora-orpo bench", *(argv or [])])}
+    atomic_write_text(out_dir / "natural.json", json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out_dir / "natural.md", table + "\n")
+    print(table)
+    print(f"[bench] wrote {out_dir / 'natural.json'} and natural.md", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0

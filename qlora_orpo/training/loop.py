@@ -127,6 +127,7 @@ def prepare(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, pad_token_id, device,
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
         forward=side_forward, no_sync=dist.no_sync(side_forward), pack_tokens=cfg.pack_tokens,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
     return Trainer(cfg, model, step_fn, params, optimizer, scheduler, scaler, state, total_steps, dist, device,
                    run_dir, source, sharded, chooser)

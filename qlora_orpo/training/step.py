@@ -149,11 +149,13 @@ class OrpoStep:
         forward: nn.Module | None = None,
         no_sync: Callable[[], AbstractContextManager] | None = None,
         pack_tokens: int = 0,
+        pad_to_multiple_of: int = 1,
     ):
         if mode not in STEP_MODES:
             raise ValueError(f"step mode {mode!r} is not one of {', '.join(STEP_MODES)}")
         self.model, self.beta, self.mode, self.chunk_size = model, beta, mode, chunk_size
-        self.nll_over_prompt, self.pad_token_id, self.pack_tokens = nll_over_prompt, pad_token_id, pack_tokens
+        self.nll_over_prompt, self.pad_token_id = nll_over_prompt, pad_token_id
+        self.pack_tokens, self.pad_to_multiple_of = pack_tokens, pad_to_multiple_of  # the shared layout's rows
         self.device = torch.device(device)
         self.backward = backward
         if mode == "auto" and choose is None:
@@ -222,7 +224,7 @@ class OrpoStep:
     def _shared(self, batch: PairBatch, scale: float):
         if not batch.pairs:
             raise ValueError("step mode 'shared' needs the batch's pairs (collate.collate_pairs keeps them)")
-        shared = pack_shared(batch.pairs, self.pad_token_id, self.pack_tokens).to(self.device)
+        shared = pack_shared(batch.pairs, self.pad_token_id, self.pack_tokens, self.pad_to_multiple_of).to(self.device)
         with self._pass(last=True):
             chosen_logps, rejected_logps, chosen_nll = self.side_forward(shared)
             loss, metrics = orpo_loss(chosen_logps, rejected_logps, chosen_nll, self.beta)

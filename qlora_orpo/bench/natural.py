@@ -1,0 +1,187 @@
+"""Training on natural preference pairs, ours against TRL's own ``ORPOTrainer``: seconds per optimizer step.
+
+The other benchmark (``worker.py``) measures one step on a pair made to fill ``max_length``.
+Real data has a new shape every micro-batch and most pairs far shorter than ``max_length``;
+this one trains the same fixed set of HH pairs at their natural lengths with each tool's own
+trainer: TRL's ``ORPOTrainer`` with its defaults (its own model loading through
+transformers + bitsandbytes, its peft wrapping, its collator and loop), and our
+``recipes.finetune.run`` in each ``--step`` mode. Same base, same 4-bit quantisation and
+compute dtype, LoRA r=16 / alpha 32 on every linear layer, the same effective batch.
+
+Each configuration runs in a fresh process (``python -m qlora_orpo.bench.natural '<json>'``)
+and prints one JSON line: the seconds of each optimizer step (from the step's end to the
+next one's; the first step, with its one-off kernel set-up, is reported apart), tokens per
+second and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import EMBEDDED, OrpoConfig
+
+# (step mode, pairs per micro-batch): the recipe's shape is batch 1 x grad_accum 8.
+NATURAL_METHODS: dict[str, tuple[str, int]] = {
+    "sequential": ("sequential", 1), "split": ("split", 1), "joint": ("joint", 1), "auto": ("auto", 1),
+    "shared": ("shared", 1), "shared-packed": ("shared", 8),
+}
+PEER = "trl"
+
+
+@dataclass(frozen=True)
+class NaturalSpec:
+    method: str  # PEER or a key of NATURAL_METHODS
+    max_length: int = 512
+    steps: int = 4
+    pairs_per_step: int = 8
+    pack_tokens: int = 0  # shared-packed: tokens per packed row (0: the micro-batch in one row)
+    model: str = EMBEDDED
+    data: str = EMBEDDED
+    seed: int = 42
+    beta: float = 0.1
+
+
+def write_pairs(spec: NaturalSpec, path: Path) -> int:
+    """The benchmark's pairs as JSONL (conversational prompt, plain replies): the first of the training split."""
+    from ..data.preferences import load_preferences, split_holdout
+
+    train, _ = split_holdout(load_preferences(spec.data).pairs, 0.1)
+    chosen = train[: spec.steps * spec.pairs_per_step]
+    with open(path, "w", encoding="utf-8") as handle:
+        for pair in chosen:
+            handle.write(json.dumps({"prompt": list(pair.prompt), "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
+    return len(chosen)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_tokens(spec: NaturalSpec, data_file: Path) -> int:
+    """Tokens of the pairs as two sequences each (prompt counted twice), by our tokenisation: one count for every row."""
+    from ..data.preferences import load_preferences
+    from ..data.templating import tokenize_pairs
+    from ..models.loader import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(spec.model))
+    pairs, _ = tokenize_pairs(load_preferences(str(data_file)).pairs, tokenizer, spec.max_length,
+                              OrpoConfig.max_prompt_length, progress=False)
+    return sum(p.num_tokens for p in pairs)
+
+
+def _summary(step_ends: list[float], start: float, tokens: int) -> dict[str, Any]:
+    seconds = [b - a for a, b in zip([start, *step_ends[:-1]], step_ends, strict=True)]
+    steady = seconds[1:] or seconds
+    return {"first_step_s": seconds[0], "seconds_per_step": statistics.mean(steady), "step_seconds": seconds,
+            "tokens_per_s": tokens / sum(seconds), "peak_rss_mib": _peak_rss_mib()}
+
+
+def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[float], float]:
+    from ..recipes.finetune import run
+    from ..training.metrics import read_metrics
+
+    mode, batch = NATURAL_METHODS[spec.method]
+    batch = min(batch, spec.pairs_per_step)  # "packed": the whole optimizer step in one micro-batch
+    cfg = OrpoConfig(
+        model=spec.model, data=str(data_file), max_length=spec.max_length, max_steps=spec.steps,
+        batch_size=batch, grad_accum=spec.pairs_per_step // batch, step=mode, pack_tokens=spec.pack_tokens,
+        beta=spec.beta, seed=spec.seed, eval_fraction=0.0, health_prompts=0, eval_every=0, save_every=0,
+        log_every=1, output_dir=str(out_dir), run_name="ours",
+    )
+    run(cfg)
+    records = [r for r in read_metrics(out_dir / "ours" / "metrics.jsonl") if r.get("split") == "train"]
+    seconds = [r["seconds_per_step"] for r in records]
+    return [sum(seconds[: i + 1]) for i in range(len(seconds))], 0.0
+
+
+def run_trl(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[float], float]:
+    """TRL's ``ORPOTrainer`` as its documentation sets it up, with its defaults."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from ..models.loader import resolve_compute_dtype, resolve_model_path
+
+    path = resolve_model_path(spec.model)
+    compute_dtype = resolve_compute_dtype("auto", torch.device("cpu"))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = load_dataset("json", data_files=str(data_file), split="train")
+    # Conversational preference rows, as TRL documents them: the replies as assistant turns.
+    dataset = rows.map(lambda r: {"chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]})
+    args = ORPOConfig(
+        output_dir=str(out_dir / "trl"), per_device_train_batch_size=1,
+        gradient_accumulation_steps=spec.pairs_per_step, max_steps=spec.steps, max_length=spec.max_length,
+        beta=spec.beta, seed=spec.seed, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    ends: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            ends.append(time.perf_counter())
+
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=lora, callbacks=[StepTimes()])
+    start = time.perf_counter()
+    trainer.train()
+    return ends, start
+
+
+def worker_main(spec_json: str) -> int:
+    spec = NaturalSpec(**json.loads(spec_json))
+    with tempfile.TemporaryDirectory(prefix="qlora-orpo-natural-") as tmp:
+        data_file = Path(tmp) / "pairs.jsonl"
+        pairs = write_pairs(spec, data_file)
+        runner = run_trl if spec.method == PEER else run_ours
+        ends, start = runner(spec, data_file, Path(tmp))
+        result = {**asdict(spec), "pairs": pairs, **_summary(ends, start, count_tokens(spec, data_file))}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def run_in_subprocess(spec: NaturalSpec, timeout: float | None = None) -> dict[str, Any]:
+    """One configuration in a fresh interpreter; an ``error`` row when it fails."""
+    command = [sys.executable, "-m", "qlora_orpo.bench.natural", json.dumps(asdict(spec))]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {**asdict(spec), "error": f"timed out after {timeout} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {**asdict(spec), "error": f"worker exited with {done.returncode}: {done.stderr.strip()[-2000:]}"}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| max_length | method | s / optimizer step | first step s | tokens / s | peak RSS MiB | vs TRL |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    peer = {r["max_length"]: r["seconds_per_step"] for r in results if r["method"] == PEER and "error" not in r}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['max_length']} | {r['method']} | error: {r['error'][:120]} | | | | |")
+            continue
+        ratio = f"{r['seconds_per_step'] / peer[r['max_length']]:.2f}x" if r["max_length"] in peer else ""
+        lines.append(f"| {r['max_length']} | {r['method']} | {r['seconds_per_step']:.2f} | {r['first_step_s']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))
