@@ -156,3 +156,18 @@ def test_rows_take_pairs_up_to_the_budget():
     assert [shared_length(p) for p in pairs] == [10, 10, 30, 5]
     assert assign_rows(pairs, 20) == [[0, 1], [2], [3]]
     assert assign_rows(pairs, 0) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("nll_over_prompt", [False, True])
+def test_evaluation_in_the_shared_layout_gives_the_same_scores(nll_over_prompt):
+    from qlora_orpo.evaluation.scoring import score_pairs
+
+    model, tokenizer = lora_model("gemma2")
+    pairs = tokenized_pairs(tokenizer)
+    kw = {"batch_size": 3, "chunk_size": 5, "nll_over_prompt": nll_over_prompt, "progress": False}
+    sides = score_pairs(model, pairs, tokenizer.pad_token_id, **kw)
+    shared = score_pairs(model, pairs, tokenizer.pad_token_id, shared=True, pack_tokens=50, **kw)
+    for a, b in zip((sides.chosen_logps, sides.rejected_logps, sides.chosen_nll),
+                    (shared.chosen_logps, shared.rejected_logps, shared.chosen_nll), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert model.training  # score_pairs puts the model back as it found it

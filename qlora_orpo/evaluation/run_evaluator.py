@@ -67,6 +67,7 @@ class RunEvaluator:
             cfg.logits_chunk_size, cfg.nll_over_prompt, pad_to_multiple_of=cfg.pad_to_multiple_of,
             forward=self.sharded.root if self.sharded is not None else None,  # through FSDP2's hooks
             progress=self.writes,  # one progress bar, rank 0's
+            shared=cfg.step == "shared", pack_tokens=cfg.pack_tokens,  # the layout training uses
         )
 
     def _health(self) -> HealthResult | None:

@@ -22,7 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.collate import SideBatch, TokenizedPair, collate_pairs
+from ..data.packing import SharedBatch, pack_shared
 from ..training.loss import log_odds
+from ..training.shared import shared_logps
 from ..training.step import forward_logps
 from .stats import paired_bootstrap, wilson_interval
 
@@ -54,15 +56,21 @@ def score_pairs(
     nll_over_prompt: bool = False,
     progress: bool = True,
     pad_to_multiple_of: int = 1,
-    forward: Callable[[SideBatch], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    forward: Callable[[SideBatch | SharedBatch], tuple[torch.Tensor, ...]] | None = None,
+    shared: bool = False,
+    pack_tokens: int = 0,
 ) -> PairScores:
     """Forward every pair without gradients, longest first (little padding); scores come back in ``pairs`` order.
 
     ``forward``: a ``step.SideForward`` of ``model`` with the same settings to call instead
     (FSDP2 gathers the weights only in the hooks of the module it sharded, that one).
+    ``shared``: each batch in the prompt-shared layout (``data/packing.py``, rows of up to
+    ``pack_tokens``), one forward per batch instead of two: the same scores, the prompt run once.
     """
 
-    def plain(side: SideBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def plain(side: SideBatch | SharedBatch) -> tuple[torch.Tensor, ...]:
+        if isinstance(side, SharedBatch):
+            return shared_logps(model, side, chunk_size, nll_over_prompt)
         out = forward_logps(model, side, chunk_size, nll_over_prompt)
         return out.logps, out.nll
 
@@ -76,9 +84,13 @@ def score_pairs(
         batches = range(0, len(order), batch_size)
         for start in tqdm(batches, desc="evaluating", disable=not progress or None, leave=False, unit="batch"):
             batch_pairs = [pairs[i] for i in order[start : start + batch_size]]
-            batch = collate_pairs(batch_pairs, pad_token_id, pad_to_multiple_of).to(device)
-            chosen, chosen_side_nll = forward(batch.chosen)
-            rejected, _ = forward(batch.rejected)
+            if shared:
+                packed = pack_shared(batch_pairs, pad_token_id, pack_tokens, pad_to_multiple_of).to(device)
+                chosen, rejected, chosen_side_nll = forward(packed)
+            else:
+                batch = collate_pairs(batch_pairs, pad_token_id, pad_to_multiple_of).to(device)
+                chosen, chosen_side_nll = forward(batch.chosen)
+                rejected, _ = forward(batch.rejected)
             chosen_logps.append(chosen.double().cpu())
             rejected_logps.append(rejected.double().cpu())
             chosen_nll.append(chosen_side_nll.double().cpu())

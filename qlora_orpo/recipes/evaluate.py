@@ -93,7 +93,7 @@ def run_evaluation(
     results = evaluate_base_and_adapter(
         model, pairs, cfg.beta, tokenizer.pad_token_id, device=device, batch_size=cfg.eval_batch_size,
         chunk_size=cfg.logits_chunk_size, nll_over_prompt=cfg.nll_over_prompt, progress=progress,
-        pad_to_multiple_of=cfg.pad_to_multiple_of,
+        pad_to_multiple_of=cfg.pad_to_multiple_of, shared=cfg.step == "shared", pack_tokens=cfg.pack_tokens,
     )
     health = None
     if cfg.health_prompts:
