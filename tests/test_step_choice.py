@@ -1,4 +1,4 @@
-"""``--step auto``: sequential when both sides fit the budget, split otherwise; same gradient either way."""
+"""``--step auto``: shared when its rows fit the budget, else sequential when both sides fit, else split; same gradient."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ SMOLLM2 = ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, in
                      tied_embeddings=True)
 
 
-def chooser(budget_mib: float) -> StepChooser:
+def chooser(budget_mib: float, shared: bool = False) -> StepChooser:
     return StepChooser(SMOLLM2, int(budget_mib * 2**20), lora_r=16, lora_targets="all-linear", chunk_size=64,
-                       activation_bytes=4)
+                       activation_bytes=4, shared=shared)
 
 
 def batch_of(length: int):
@@ -36,7 +36,7 @@ def test_sequential_when_two_sides_fit_split_when_only_one_does():
     # The same budget takes a short batch sequentially and a long one split.
     mixed = chooser(chooser(0).predicted_bytes(512, 2) / 2**20 + 1)
     assert [mixed(batch_of(n)) for n in (512, 2048, 512)] == ["sequential", "split", "sequential"]
-    assert mixed.counts == {"sequential": 2, "split": 1}
+    assert mixed.counts == {"shared": 0, "sequential": 2, "split": 1}
     assert "sequential 2, split 1" in mixed.describe()
 
 
@@ -61,3 +61,17 @@ def test_auto_step_gives_the_joint_gradient_in_either_mode():
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         assert picked == [decision]
         assert_grads_close(grads, joint)
+
+
+def test_shared_when_its_rows_fit_and_the_two_sequence_modes_otherwise():
+    # 1024 prompt tokens, replies of 1024 and 3: shared holds 2051 tokens in one row, sequential 2 x 2048.
+    batch = batch_of(2048)
+    shared_bytes = chooser(0).predicted_bytes(1024 + 1024 + 3, 1)
+    two_sides = chooser(0).predicted_bytes(2048, 2)
+    assert shared_bytes < two_sides
+    assert chooser(shared_bytes / 2**20 + 1, shared=True)(batch) == "shared"
+    assert chooser(shared_bytes / 2**20 - 1, shared=True)(batch) == "split"
+    assert chooser(two_sides / 2**20 + 1, shared=False)(batch) == "sequential"
+    no_pairs = collate_pairs(random_pairs(1), pad_token_id=0)
+    no_pairs.pairs = ()  # a batch built without its pairs cannot be laid out shared
+    assert chooser(10_000, shared=True)(no_pairs) == "sequential"

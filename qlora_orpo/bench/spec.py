@@ -9,7 +9,7 @@ from ..config import EMBEDDED, OrpoConfig
 from ..data.collate import TokenizedPair
 from ..data.templating import tokenize_pair
 
-METHODS = ("trl", "joint", "sequential", "split")
+METHODS = ("trl", "joint", "sequential", "split", "shared")
 DEFAULT_METHODS = ("trl", "joint", "split")
 LENGTHS = (256, 512, 1024, 2048)
 QUICK_LENGTHS = (32, 64)

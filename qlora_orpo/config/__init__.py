@@ -112,14 +112,14 @@ class OrpoConfig:
         "Training step: 'split' runs chosen and rejected passes one after the other with the exact joint "
         "gradient; 'sequential' holds both graphs for one backward (11-13% faster, more memory); 'joint' "
         "concatenates them in one forward; 'shared' lays each pair out once as [prompt | chosen | rejected] and "
-        "packs the micro-batch's pairs into rows of up to pack_tokens (the prompt runs once); 'auto' picks "
-        "sequential per micro-batch when it fits memory_budget_mib.",
+        "packs the micro-batch's pairs into rows of up to pack_tokens (the prompt runs once); 'auto' picks, per "
+        "micro-batch, shared when it fits memory_budget_mib, else sequential, else split.",
         ("auto", "split", "sequential", "joint", "shared"),
     )
     pack_tokens: int = _f(
         0,
-        "With step 'shared': tokens per packed row (a pair longer than this gets a row of its own); "
-        "0 = every pair of the micro-batch in one row.",
+        "With step 'shared' (or 'auto' choosing it): tokens per packed row; a pair longer than this gets a "
+        "row of its own. 0 = max_length.",
     )
     memory_budget_mib: int = _f(
         0,
@@ -325,3 +325,12 @@ def parse_report_to(value: str) -> tuple[str, ...]:
     if "none" in names and len(names) > 1:
         raise ConfigError("report_to: 'none' cannot be combined with other sinks")
     return tuple(n for n in names if n != "none")
+
+
+def row_tokens(cfg: OrpoConfig) -> int:
+    """The shared layout's tokens per packed row: ``pack_tokens``, or ``max_length`` when 0.
+
+    Never "the whole micro-batch in one row" from the config: a row's attention mask grows
+    with its width squared.
+    """
+    return cfg.pack_tokens or cfg.max_length

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import OrpoConfig
+from ..config import OrpoConfig, row_tokens
 from ..core.files import atomic_write_text
 from ..data.collate import TokenizedPair
 from ..training.metrics import MetricsLogger
@@ -67,7 +67,7 @@ class RunEvaluator:
             cfg.logits_chunk_size, cfg.nll_over_prompt, pad_to_multiple_of=cfg.pad_to_multiple_of,
             forward=self.sharded.root if self.sharded is not None else None,  # through FSDP2's hooks
             progress=self.writes,  # one progress bar, rank 0's
-            shared=cfg.step == "shared", pack_tokens=cfg.pack_tokens,  # the layout training uses
+            shared=cfg.step in ("shared", "auto"), pack_tokens=row_tokens(cfg),  # the prompt once
         )
 
     def _health(self) -> HealthResult | None:

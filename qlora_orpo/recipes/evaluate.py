@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import OrpoConfig
+from ..config import OrpoConfig, row_tokens
 from ..core.errors import UserError
 from ..data.collate import TokenizedPair
 from ..evaluation.scoring import EVAL_FIELDS, evaluate_base_and_adapter
@@ -93,7 +93,8 @@ def run_evaluation(
     results = evaluate_base_and_adapter(
         model, pairs, cfg.beta, tokenizer.pad_token_id, device=device, batch_size=cfg.eval_batch_size,
         chunk_size=cfg.logits_chunk_size, nll_over_prompt=cfg.nll_over_prompt, progress=progress,
-        pad_to_multiple_of=cfg.pad_to_multiple_of, shared=cfg.step == "shared", pack_tokens=cfg.pack_tokens,
+        pad_to_multiple_of=cfg.pad_to_multiple_of, shared=cfg.step in ("shared", "auto"),
+        pack_tokens=row_tokens(cfg),
     )
     health = None
     if cfg.health_prompts:

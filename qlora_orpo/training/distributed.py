@@ -153,7 +153,7 @@ class Dist:
         """
         if not self.sharded:
             return mode
-        order = ("split", "sequential", "joint")  # by peak memory
+        order = ("split", "shared", "sequential", "joint")  # by peak memory
         choice = torch.tensor([order.index(mode)], dtype=torch.long, device=_collective_device())
         torch.distributed.all_reduce(choice, op=torch.distributed.ReduceOp.MIN)
         return order[int(choice.item())]

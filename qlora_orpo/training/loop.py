@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import OrpoConfig
+from ..config import OrpoConfig, row_tokens
 from ..core.console import console_logger
 from ..core.errors import TrainingError
 from ..data.collate import PairBatch, TokenizedPair
@@ -126,7 +126,7 @@ def prepare(
     step_fn = OrpoStep(
         model, cfg.beta, cfg.step, cfg.logits_chunk_size, cfg.nll_over_prompt, pad_token_id, device,
         backward=lambda loss: scaler.scale(loss).backward(), choose=chooser,
-        forward=side_forward, no_sync=dist.no_sync(side_forward), pack_tokens=cfg.pack_tokens,
+        forward=side_forward, no_sync=dist.no_sync(side_forward), pack_tokens=row_tokens(cfg),
         pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
     return Trainer(cfg, model, step_fn, params, optimizer, scheduler, scaler, state, total_steps, dist, device,

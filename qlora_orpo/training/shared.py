@@ -55,19 +55,27 @@ def _takes_mask_per_layer_type(decoder_class: type) -> bool:
 
 
 def attention_mask_for(decoder: nn.Module, batch: SharedBatch, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The mask (or masks by layer type) the decoder is given for ``batch``."""
+    """The mask (or masks by layer type) the decoder is given for ``batch``.
+
+    SDPA takes the boolean mask as is (a byte per entry); eager attention adds the mask to its
+    scores, so it gets the additive form in the compute dtype.
+    """
     config = decoder.config
+
+    def form(allowed: torch.Tensor) -> torch.Tensor:
+        return allowed if config._attn_implementation == "sdpa" else additive(allowed, dtype)
+
     window = getattr(config, "sliding_window", None)
-    full = additive(allowed_attention(batch), dtype)
+    full = form(allowed_attention(batch))
     if _takes_mask_per_layer_type(type(decoder)):
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         masks = {"full_attention": full}
         if "sliding_attention" in layer_types and window is not None:
-            masks["sliding_attention"] = additive(allowed_attention(batch, window), dtype)
+            masks["sliding_attention"] = form(allowed_attention(batch, window))
         elif "sliding_attention" in layer_types:
             masks["sliding_attention"] = full
         return masks
-    return additive(allowed_attention(batch, window), dtype) if window is not None else full
+    return form(allowed_attention(batch, window)) if window is not None else full
 
 
 def shared_logps(

@@ -1,10 +1,13 @@
-"""``--step auto``: the faster step mode that fits the memory budget, chosen per micro-batch.
+"""``--step auto``: the fastest step mode that fits the memory budget, chosen per micro-batch.
 
-``sequential`` holds both sides' checkpointed activations and runs one backward; ``split``
-holds one side at a time and pays an extra no-grad forward of the rejected side (measured
-11-13% slower, docs/benchmarks.md). Both give the joint loss's gradient. The choice compares
-the analytic memory floor (``bench.floor``) of the micro-batch's shape, times a measured
-overhead factor, with the budget: ``sequential`` when both sides fit, else ``split``.
+``shared`` runs each prompt once, its pairs packed into rows (``data/packing.py``), one
+forward and one backward; ``sequential`` holds both sides' checkpointed activations and runs
+one backward; ``split`` holds one side at a time and pays an extra no-grad forward of the
+rejected side. All three give the joint loss's gradient. The choice compares the analytic
+memory floor (``models/floor.py``) of the micro-batch's shape, times a measured overhead
+factor, with the budget: ``shared`` when its rows fit (they hold fewer tokens than the two
+sides of ``sequential``, so it fits whenever ``sequential`` would), else ``sequential``, else
+``split``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import row_tokens
 from ..data.collate import PairBatch
+from ..data.packing import assign_rows, shared_length
 from ..models.floor import ModelShape, memory_floor
 
 if TYPE_CHECKING:
@@ -55,9 +60,11 @@ class StepChooser:
     # Under FSDP2 every rank must run the same passes (each one gathers weights from all ranks):
     # the mode the ranks agree on (distributed.Dist.agree_on_step_mode); None: this rank's own.
     agree: Callable[[str], str] | None = None
+    shared: bool = True  # consider the shared layout (needs the batch's pairs)
+    pack_tokens: int = 0  # its rows, as the step packs them
 
     def __post_init__(self) -> None:
-        self.counts: dict[str, int] = {"sequential": 0, "split": 0}
+        self.counts: dict[str, int] = {"shared": 0, "sequential": 0, "split": 0}
 
     def predicted_bytes(self, tokens_per_side: int, sides: int) -> int:
         """Predicted peak above the loaded model of a step holding ``sides`` sequences at once."""
@@ -70,6 +77,10 @@ class StepChooser:
         rows = batch.size
         length = max(batch.chosen.input_ids.shape[1], batch.rejected.input_ids.shape[1])
         mode = "sequential" if self.predicted_bytes(length, 2 * rows) <= self.budget_bytes else "split"
+        if self.shared and batch.pairs:
+            packed = assign_rows(batch.pairs, self.pack_tokens)
+            width = max(sum(shared_length(batch.pairs[i]) for i in row) for row in packed)
+            mode = "shared" if self.predicted_bytes(width, len(packed)) <= self.budget_bytes else mode
         if self.agree is not None:
             mode = self.agree(mode)
         self.counts[mode] += 1
@@ -87,4 +98,5 @@ def chooser_for(cfg: OrpoConfig, model, device: torch.device, agree: Callable[[s
         shape=ModelShape.from_config(model.get_base_model().config), budget_bytes=budget, lora_r=cfg.lora_r,
         lora_targets=cfg.lora_targets, chunk_size=cfg.logits_chunk_size,
         activation_bytes=model.get_input_embeddings().weight.element_size(), agree=agree,
+        pack_tokens=row_tokens(cfg),
     )
