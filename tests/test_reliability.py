@@ -57,3 +57,97 @@ def test_epochs_mode_total_steps_account_for_the_world_size():
     assert total_optimizer_steps(cfg, 100, world_size=1) == 25
     assert total_optimizer_steps(cfg, 100, world_size=4) == math.ceil(2 * 100 / (2 * 4 * 4))
     assert total_optimizer_steps(OrpoConfig(max_steps=7), 100, world_size=4) == 7  # max_steps is steps
+
+
+# -- the adapter card -------------------------------------------------------------------------
+
+
+def _tiny_base(directory):
+    from conftest import build_tiny_llama, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    build_tiny_llama().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _load(directory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), AutoTokenizer.from_pretrained(directory)
+
+
+def _lora(model, seed: int = 1):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_a_card_whose_front_matter_holds_a_markdown_rule_still_parses(tmp_path):
+    import yaml
+
+    from qlora_orpo.export.card import parse_card, render_card
+
+    system = "You are terse.\n---\nNever use markdown rules like the one above.\n---\n"
+    meta = {"qlora_orpo": {"base": {"name": "b", "fingerprint": {"architecture": "X"}},
+                           "training": {"system_prompt": system}}}
+    text = render_card(meta)
+    front = text.split("\n")
+    assert any(line.strip() == "---" for line in front[1:front.index("---", 1)]), "the value really holds a '---' line"
+    parsed = parse_card(text, tmp_path / "README.md")
+    assert parsed["qlora_orpo"]["training"]["system_prompt"] == system
+    # A block scalar (another YAML writer) with an indented rule: the same.
+    block = "---\n" + yaml.safe_dump({"qlora_orpo": meta["qlora_orpo"]}, default_style="|") + "---\n# card\n"
+    assert parse_card(block, "README.md")["qlora_orpo"]["training"]["system_prompt"] == system
+
+
+def test_an_adapter_records_no_local_path_but_still_finds_its_base(tmp_path):
+    import hashlib
+    import json
+
+    from qlora_orpo.data.preferences import load_preferences
+    from qlora_orpo.export import adapters as A
+
+    base_dir = _tiny_base(tmp_path / "home" / "someone" / "models" / "tiny-base")
+    data_file = tmp_path / "home" / "someone" / "data" / "pairs.jsonl"
+    data_file.parent.mkdir(parents=True)
+    data_file.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                                 for i in range(6)))
+    model, tokenizer = _load(base_dir)
+    cfg = OrpoConfig(model=str(base_dir), data=str(data_file), output_dir=str(tmp_path / "home" / "runs"))
+    out = A.save_adapter(_lora(model), tokenizer, cfg, tmp_path / "run" / "adapter", data=load_preferences(str(data_file)))
+    for file in out.iterdir():  # nothing shared names this machine's directories
+        text = file.read_text(encoding="utf-8", errors="replace") if file.suffix != ".safetensors" else ""
+        assert str(tmp_path) not in text, f"{file.name} leaks a local path"
+    meta = A.read_adapter(out).card["qlora_orpo"]
+    assert meta["base"]["name"] == "tiny-base" and meta["training"]["model"] == "tiny-base"
+    assert meta["data"]["name"] == "pairs.jsonl"
+    assert meta["data"]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert meta["training"]["output_dir"] == "runs"
+    # The local paths stay beside the adapter (in a run: inside the run directory), and are used.
+    assert A.local_record_path(out) == tmp_path / "run" / "adapter.local.json"
+    assert A.resolve_base(A.read_adapter(out)) == str(base_dir)
+
+
+# -- a template that refuses the system role, wherever a template is rendered -----------------
+
+
+def test_export_verification_folds_a_system_turn_for_a_template_that_refuses_it(tmp_path):
+    import json
+
+    from families import FAMILIES
+
+    from qlora_orpo.export.adapters import AdapterInfo
+    from qlora_orpo.export.verify import verification_texts
+
+    tokenizer = FAMILIES["gemma2"].build_tokenizer()
+    data_file = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hello {i}"}],
+             "chosen": "the quick fox", "rejected": "the lazy dog"} for i in range(12)]
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = {"qlora_orpo": {"base": {}, "training": {"data": str(data_file), "eval_fraction": 0.5}}}
+    texts, origin = verification_texts(AdapterInfo(tmp_path / "adapter", {}, card), tokenizer)
+    assert "held-out pairs" in origin and texts
+    for text in texts:
+        assert "<start_of_turn>user\nbe brief\n\nhello" in text and "<start_of_turn>model\nthe quick fox" in text

@@ -155,6 +155,15 @@ def render_prompt(tokenizer, messages: Sequence[Message], fmt: ChatFormat | None
     return "\n\n".join(turns) + "\n\nAssistant:"
 
 
+def render_conversation(tokenizer, messages: Sequence[Message], reply: str, fmt: ChatFormat | None = None) -> str:
+    """The prompt and an assistant ``reply`` as one text, as the template writes it (a system turn
+    folded where the template refuses one); without a template, the plain prompt, a space, the reply."""
+    fmt = fmt or ChatFormat.of(tokenizer)
+    if fmt.templated:
+        return _apply(tokenizer, [*_template_messages(messages, fmt), {"role": "assistant", "content": reply}], False)
+    return render_prompt(tokenizer, messages, fmt) + " " + reply
+
+
 def stop_token_ids(tokenizer, fmt: ChatFormat | None = None) -> list[int]:
     """Ids that end generation: the template's end-of-turn special tokens, then EOS."""
     fmt = fmt or ChatFormat.of(tokenizer)
