@@ -151,3 +151,16 @@ def test_export_verification_folds_a_system_turn_for_a_template_that_refuses_it(
     assert "held-out pairs" in origin and texts
     for text in texts:
         assert "<start_of_turn>user\nbe brief\n\nhello" in text and "<start_of_turn>model\nthe quick fox" in text
+
+
+def test_the_committed_adapter_names_no_local_path():
+    import re
+    from pathlib import Path
+
+    local = re.compile(r"(^|[\s'\"(:])/(root|home|work|Users|tmp|mnt|data)/")
+    adapters = Path(__file__).resolve().parents[1] / "adapters"
+    files = [f for f in adapters.rglob("*") if f.is_file() and f.suffix != ".safetensors"]
+    assert files
+    for file in files:
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            assert not local.search(line), f"{file}:{number}: {line.strip()}"

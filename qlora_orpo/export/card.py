@@ -231,8 +231,12 @@ def card_metadata(
 
 
 def _card_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """``evaluation`` with the health replies cut to :data:`CARD_REPLIES` (their ids dropped): figures stay whole."""
+    """``evaluation`` with the health replies cut to :data:`CARD_REPLIES` (their ids dropped) and its
+    settings' paths cut to names (:func:`public_name`): figures stay whole."""
     out = dict(evaluation)
+    for key in ("settings", "pairs"):  # the adapter, base and data paths it was evaluated with
+        if isinstance(out.get(key), dict):
+            out[key] = {k: public_name(v) if isinstance(v, str) else v for k, v in out[key].items()}
     health = out.get("health")
     if health:
         health = dict(health)
