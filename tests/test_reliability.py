@@ -164,3 +164,37 @@ def test_the_committed_adapter_names_no_local_path():
     for file in files:
         for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
             assert not local.search(line), f"{file}:{number}: {line.strip()}"
+
+
+# -- the fingerprint notices a merged derivative ----------------------------------------------
+
+
+def test_a_model_with_the_adapter_already_merged_is_refused_as_its_base(tmp_path):
+    from qlora_orpo.core.errors import AdapterMismatchError
+    from qlora_orpo.export import adapters as A
+
+    base_dir = _tiny_base(tmp_path / "base")
+    model, tokenizer = _load(base_dir)
+    out = A.save_adapter(_lora(model), tokenizer, OrpoConfig(model=str(base_dir)), tmp_path / "adapter")
+    merged = A.load_adapter(_load(base_dir)[0], tokenizer, out).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")  # what an export leaves, and what a user may take for the base
+    tokenizer.save_pretrained(tmp_path / "merged")
+    for derivative in (merged, _load(tmp_path / "merged")[0]):
+        with pytest.raises(AdapterMismatchError, match="layers_sha256") as caught:
+            A.load_adapter(derivative, tokenizer, out)
+        assert caught.value.fields == ["layers_sha256"]  # the embeddings alone cannot tell
+    A.load_adapter(_load(base_dir)[0], tokenizer, out)  # the base itself still passes
+
+
+def test_the_layer_hash_is_the_same_for_a_bfloat16_load_and_old_cards_are_not_checked_on_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_orpo.models.fingerprint import fingerprint, fingerprint_differences
+
+    base_dir = _tiny_base(tmp_path / "base")
+    model, tokenizer = _load(base_dir)
+    full = fingerprint(model, tokenizer)
+    half = fingerprint(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16), tokenizer)
+    assert full["layers_sha256"] and half == full  # read from the checkpoint, not the rounded copy
+    older_card = {k: v for k, v in full.items() if k != "layers_sha256"}
+    assert fingerprint_differences(older_card, full) == []
