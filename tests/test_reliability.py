@@ -198,3 +198,22 @@ def test_the_layer_hash_is_the_same_for_a_bfloat16_load_and_old_cards_are_not_ch
     assert full["layers_sha256"] and half == full  # read from the checkpoint, not the rounded copy
     older_card = {k: v for k, v in full.items() if k != "layers_sha256"}
     assert fingerprint_differences(older_card, full) == []
+
+
+# -- multi-process: the wait of the ranks that do not evaluate or export ----------------------
+
+
+def test_collectives_wait_an_explicit_long_time_set_by_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from qlora_orpo.core.errors import UserError
+    from qlora_orpo.training import distributed
+
+    monkeypatch.delenv("QLORA_ORPO_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert distributed.collective_timeout() == timedelta(hours=4)  # > NCCL's 10-minute default
+    monkeypatch.setenv("QLORA_ORPO_COLLECTIVE_TIMEOUT_S", "90")
+    assert distributed.collective_timeout() == timedelta(seconds=90)
+    for bad in ("soon", "0"):
+        monkeypatch.setenv("QLORA_ORPO_COLLECTIVE_TIMEOUT_S", bad)
+        with pytest.raises(UserError, match="QLORA_ORPO_COLLECTIVE_TIMEOUT_S"):
+            distributed.collective_timeout()

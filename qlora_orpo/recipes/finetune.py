@@ -92,7 +92,8 @@ def _finetune(
     log(f"model: {info.describe()}; allocator: {allocator}")
     train_tok, eval_tok = tokenise(cfg, tokenizer, train_pairs, eval_pairs)
     if dist.enabled:
-        log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}")
+        log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}; "
+            f"a rank waits up to {distributed.collective_timeout()} in a collective (QLORA_ORPO_COLLECTIVE_TIMEOUT_S)")
     trainer = prepare(cfg, model, tokenizer.pad_token_id, info.compute_dtype, info.device, train_tok, dist,
                       run_dir, str(data.source), checkpoint)
     step = trainer.state.step
