@@ -182,7 +182,8 @@ def fit(trainer: Trainer, batches: Iterator[PairBatch], metrics_log: MetricsLogg
     except KeyboardInterrupt:
         _save_on_interrupt(trainer, metrics_log, hooks, step_end_rng)
         raise
-    metrics_log.close_progress()
+    finally:  # also on an error: its one line must start a line, not follow the bar's
+        metrics_log.close_progress()
     return last
 
 
