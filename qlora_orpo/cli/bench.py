@@ -17,6 +17,7 @@ from ..bench.spec import ALLOCATORS, DEFAULT_METHODS, LENGTHS, METHODS, QUICK_LE
 from ..bench.tiny import build_tiny_model_dir
 from ..bench.worker import run_benchmark, worker_main
 from ..config import EMBEDDED, OrpoConfig
+from .parsing import OneLineParser
 
 DESCRIPTION = ("Peak memory, time and loss of one ORPO optimizer step: TRL's loss path vs ours "
                "(--step joint, --step split), each configuration in a fresh process.")
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo bench") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

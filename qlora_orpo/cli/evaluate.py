@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.errors import command
 from ..core.files import atomic_write_text
+from .parsing import OneLineParser
 
 DESCRIPTION = ("Held-out preference metrics of a base model and base + adapter, side by side. Settings "
                "default to the adapter's training config (its card), so the held-out split is the one training held out.")
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo eval") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

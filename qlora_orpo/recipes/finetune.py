@@ -86,8 +86,11 @@ def _finetune(
     # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
     on_cpu = select_device(cfg.device).type == "cpu"
     allocator = apply_cpu_allocator_policy(cfg.cpu_allocator) if on_cpu else "CUDA caching allocator"
+    # A new run reads its data before it makes its directory: a bad --data writes nothing. A
+    # resume reads the data its recorded config names.
+    loaded = None if resume else load_data(cfg)
     cfg, run_dir, checkpoint = open_run(cfg, resume, overrides, dist, held)
-    data, train_pairs, eval_pairs = load_data(cfg)
+    data, train_pairs, eval_pairs = loaded or load_data(cfg)
     model, tokenizer, info = load_model_for_training(cfg)
     log(f"model: {info.describe()}; allocator: {allocator}")
     train_tok, eval_tok = tokenise(cfg, tokenizer, train_pairs, eval_pairs)
