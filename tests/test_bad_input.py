@@ -51,7 +51,7 @@ CASES = [
     (["train", "--eval-fraction", "1.5", "--data", "{b}/" + MISSING], "eval_fraction"),
     (["train", "--quant", "int3", "--data", "{b}/" + MISSING], "argument --quant: invalid choice"),
     (["train", "--run-name", "../outside", "--data", "{b}/" + MISSING], "run_name: '../outside'"),
-    (["train", "--run-name", "/tmp/outside", "--data", "{b}/" + MISSING], "run_name: '/tmp/outside'"),
+    (["train", "--run-name", "{b}/absolute", "--data", "{b}/" + MISSING], "/absolute' must be a plain directory name"),
     (["train", "--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
     (["train", "--config", "{b}/tagged.yaml", "--data", "{b}/" + MISSING], "tagged.yaml: cannot parse config"),
     (["train", "--config", "{b}/nonutf8.jsonl", "--data", "{b}/" + MISSING], "nonutf8.jsonl"),
