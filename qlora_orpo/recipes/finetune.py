@@ -134,6 +134,8 @@ def open_run(
     Without ``--resume`` a directory that already holds a run (its config, metrics or
     checkpoints) is refused, even one that died before its first checkpoint.
     """
+    if not resume:
+        dist.check_export(cfg.export)  # before anything is written (a resume checks its recorded config below)
     run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume, claim=dist.is_main))))  # rank 0's name
     if dist.is_main and (not resume or run_dir.is_dir()):  # a resume of nothing makes no directory
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +153,7 @@ def open_run(
     elif any((run_dir / name).exists() for name in RUN_FILES):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
     dist.check_export(cfg.export)
+    dist.barrier()  # every rank has looked at the directory before rank 0 writes its config there
     if dist.is_main:
         cfg.to_file(run_dir / "config.yaml")
     dist.barrier()  # no rank reads the run directory while rank 0 writes it
