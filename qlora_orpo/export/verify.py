@@ -102,10 +102,13 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
     """
     from ..data.templating import ChatFormat, render_conversation
     from .adapters import local_record
+    from .card import public_name
 
     training = (info.card or {}).get("qlora_orpo", {}).get("training") or {}
     # The card names the data without its path; the local record beside the adapter has it.
-    data_path = (local_record(info.path).get("data") or {}).get("data") or training.get("data")
+    # (only where the card's name is that path's: a card edited to name other data wins).
+    local_data = (local_record(info.path).get("data") or {}).get("data")
+    data_path = local_data if local_data and public_name(local_data) == training.get("data") else training.get("data")
     conversations: list[tuple[list[dict[str, str]], str]] = []
     origin = "built-in prompts"
     if data_path and float(training.get("eval_fraction", 0.0)) > 0:
