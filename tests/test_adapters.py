@@ -102,14 +102,15 @@ def test_save_writes_peft_files_and_a_card_with_fingerprint_data_config_metrics(
     model, tokenizer = load_base(base_dir)
     assert ours["base"]["fingerprint"] == A.fingerprint(model, tokenizer)
     assert ours["base"]["fingerprint"]["vocab_size"] == 400 and ours["base"]["fingerprint"]["num_layers"] == 2
-    assert ours["base"]["path"] == str(base_dir)
+    assert "path" not in ours["base"] and ours["base"]["model"] == base_dir.name  # no local path in a shared card
+    assert A.local_record(path)["base"] == {"path": str(base_dir), "model": str(base_dir)}  # kept beside it
     assert ours["data"] == {"name": "mem.jsonl", "source": "mem.jsonl", "shape": "prompt/chosen/rejected",
                             "rows": 4, "pairs": 3}
     assert ours["training"]["lora_r"] == 4 and OrpoConfig(**ours["training"]).lora_r == 4
     assert ours["metrics"] == {"reward_accuracy": 0.75, "nll": 1.5}
     assert meta["library_name"] == "peft"
     config = json.loads((path / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(base_dir)  # no hub id known for a local directory
+    assert config["base_model_name_or_path"] == base_dir.name  # no hub id known: the directory's name
 
 
 def test_embedded_base_is_named_by_its_hub_id_in_adapter_config(tmp_path, base_dir):
@@ -120,7 +121,7 @@ def test_embedded_base_is_named_by_its_hub_id_in_adapter_config(tmp_path, base_d
     meta = A.read_adapter(out).card
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta["qlora_orpo"]["base"]["model"] == "embedded"
-    assert meta["qlora_orpo"]["base"]["path"] == str(base_dir)  # the local path trained from
+    assert A.local_record(out)["base"]["path"] == str(base_dir)  # the local path trained from, beside the adapter
 
 
 @pytest.mark.parametrize(
@@ -150,7 +151,7 @@ def test_saving_again_replaces_the_adapter_and_a_failed_save_keeps_the_old_one(t
     with pytest.raises(OSError, match="disk full"):
         A.save_adapter(peft_model, tokenizer, None, out, metrics={"nll": 3.0})
     assert A.read_adapter(out).card["qlora_orpo"]["metrics"] == {"nll": 2.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.local.json"]
 
 
 def test_train_save_final_adapter_uses_the_card(tmp_path, base_dir):
@@ -311,7 +312,8 @@ def test_missing_card_is_named_and_force_loads_without_it(adapter, base_dir, tmp
 def test_resolve_base_prefers_the_recorded_path_then_the_model_spec(adapter, tmp_path, base_dir):
     info = A.read_adapter(adapter[0])
     assert A.resolve_base(info) == str(base_dir)
-    moved = A.AdapterInfo(info.path, info.peft_config, json.loads(json.dumps(info.card)))
+    # Moved to another machine: no local record beside it; an older card's recorded path is gone.
+    moved = A.AdapterInfo(tmp_path / "moved", info.peft_config, json.loads(json.dumps(info.card)))
     moved.card["qlora_orpo"]["base"]["path"] = str(tmp_path / "gone")
     moved.card["qlora_orpo"]["base"]["model"] = str(base_dir)
     assert A.resolve_base(moved) == str(base_dir)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..core.files import atomic_write_text
 from .spec import METHODS
 
 
@@ -97,8 +98,8 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: Path, settings: dict[s
     """``results.json``, ``results.md`` and ``memory_vs_length.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-    paths["json"].write_text(json.dumps({"settings": settings, "rows": list(rows)}, indent=2) + "\n")
-    paths["markdown"].write_text(markdown_table(rows) + "\n")
+    atomic_write_text(paths["json"], json.dumps({"settings": settings, "rows": list(rows)}, indent=2) + "\n")
+    atomic_write_text(paths["markdown"], markdown_table(rows) + "\n")
     model = settings.get("model", "")
     first = next((r for r in rows if "device" in r), {})
     title = f"One ORPO optimizer step: {model}, {first.get('quant', '')} base, {first.get('device', '')}"

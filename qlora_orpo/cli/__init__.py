@@ -16,6 +16,7 @@ import sys
 from types import ModuleType
 
 from ..core.errors import command
+from .parsing import OneLineParser
 
 # subcommand -> (module in this package, one-line summary for `qlora-orpo --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -35,7 +36,7 @@ def _module(name: str) -> ModuleType:
 
 
 def build_parser(prog: str = "qlora-orpo") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description="ORPO preference fine-tuning of a 4-bit quantised base with LoRA, on a laptop CPU or one GPU.",
         allow_abbrev=False,

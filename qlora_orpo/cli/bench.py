@@ -19,6 +19,7 @@ from ..bench.tiny import build_tiny_model_dir
 from ..bench.worker import run_benchmark, worker_main
 from ..config import EMBEDDED, OrpoConfig
 from ..core.files import atomic_write_text
+from .parsing import OneLineParser
 
 DESCRIPTION = ("Peak memory, time and loss of one ORPO optimizer step: TRL's loss path vs ours "
                "(--step joint, --step split), each configuration in a fresh process.")
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo bench") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

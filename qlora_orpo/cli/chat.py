@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..core.errors import command
+from .parsing import OneLineParser
 
 DESCRIPTION = ("Generate replies with the chat template from an adapter on its base, or from a model "
                "directory. Prompts come from --prompt, else one per line of stdin until EOF.")
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo chat") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

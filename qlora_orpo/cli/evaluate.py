@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import command
+from ..core.files import atomic_write_text
+from .parsing import OneLineParser
 
 DESCRIPTION = ("Held-out preference metrics of a base model and base + adapter, side by side. Settings "
                "default to the adapter's training config (its card), so the held-out split is the one training held out.")
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo eval") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 
@@ -73,7 +75,7 @@ def run(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"])
     table = markdown_report(result, actions["show_replies"])
     if actions["markdown_out"]:
-        Path(actions["markdown_out"]).write_text(table + "\n")
+        atomic_write_text(Path(actions["markdown_out"]), table + "\n")
     text = json.dumps(result, indent=2)
     if actions["json_out"] == "-":
         print(table, file=sys.stderr)
@@ -81,7 +83,7 @@ def run(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         print(table)
         if actions["json_out"]:
-            Path(actions["json_out"]).write_text(text + "\n")
+            atomic_write_text(Path(actions["json_out"]), text + "\n")
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..core.errors import command
+from .parsing import OneLineParser
 
 DESCRIPTION = ("Merge a LoRA adapter into its unquantised base and write a plain transformers directory "
                "(--format merged) or one GGUF file with an Ollama Modelfile (--format gguf), verified with "
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo export") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

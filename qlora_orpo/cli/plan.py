@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .parsing import OneLineParser
+
 DESCRIPTION = ("Predict the peak memory of a --step split training step from a model's config.json (a local "
                "directory or file, 'embedded', or a hub id): the analytic floor per part times the overhead the "
                "benchmark measured, with the float32 and the bf16 residual stream side by side; with --gpu-memory "
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo plan") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .parsing import OneLineParser
+
 DESCRIPTION = "Redraw the training curves of one or more runs: writes <run>/curves.png from its metrics.jsonl."
 PARSER_KWARGS: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
@@ -16,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "qlora-orpo plot") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

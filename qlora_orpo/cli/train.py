@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import OrpoConfig
 from ..core.errors import command
+from .parsing import OneLineParser
 
 # Flags that are actions of this invocation, not part of the recorded config.
 ACTION_FLAGS = ("config", "dry_run", "resume", "show_examples")
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, dry_run_command: bool = False
 
 
 def build_parser(prog: str = "qlora-orpo train", description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description or DESCRIPTION, **PARSER_KWARGS)
+    parser = OneLineParser(prog=prog, description=description or DESCRIPTION, **PARSER_KWARGS)
     add_arguments(parser)
     return parser
 

@@ -32,6 +32,20 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def check_run_name(name: str) -> None:
+    """A run name is one directory under ``output_dir``: no separator, no ``..``, nothing absolute.
+
+    Anything else would let ``--run-name ../x`` or ``/tmp/x`` write outside ``output_dir``.
+    """
+    if not name:
+        return  # a timestamp is chosen
+    bad = ("/" in name or "\\" in name or "\0" in name or name in (".", "..") or Path(name).is_absolute()
+           or name != name.strip())
+    if bad:
+        raise ConfigError(f"run_name: {name!r} must be a plain directory name (no '/', '\\', '..' or leading "
+                          "or trailing blanks)")
+
+
 @dataclass
 class OrpoConfig:
     # --- what to train on -------------------------------------------------------------
@@ -221,6 +235,7 @@ class OrpoConfig:
         self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         if not self.lora_targets.strip():
             raise ConfigError("lora_targets: must be 'all-linear' or a comma-separated list of module names")
+        check_run_name(self.run_name)
 
     # -- validation helpers ------------------------------------------------------------------
     def _coerce_types(self) -> None:

@@ -155,6 +155,15 @@ def render_prompt(tokenizer, messages: Sequence[Message], fmt: ChatFormat | None
     return "\n\n".join(turns) + "\n\nAssistant:"
 
 
+def render_conversation(tokenizer, messages: Sequence[Message], reply: str, fmt: ChatFormat | None = None) -> str:
+    """The prompt and an assistant ``reply`` as one text, as the template writes it (a system turn
+    folded where the template refuses one); without a template, the plain prompt, a space, the reply."""
+    fmt = fmt or ChatFormat.of(tokenizer)
+    if fmt.templated:
+        return _apply(tokenizer, [*_template_messages(messages, fmt), {"role": "assistant", "content": reply}], False)
+    return render_prompt(tokenizer, messages, fmt) + " " + reply
+
+
 def stop_token_ids(tokenizer, fmt: ChatFormat | None = None) -> list[int]:
     """Ids that end generation: the template's end-of-turn special tokens, then EOS."""
     fmt = fmt or ChatFormat.of(tokenizer)
@@ -205,6 +214,40 @@ def _prompt_head_ids(tokenizer, messages: list[Message], prompt_text: str, fmt: 
     return _encode(tokenizer, head) if head and prompt_text.startswith(head) else []
 
 
+def _reply_ids(tokenizer, prompt_text: str, prompt_ids: list[int], body: str, fmt: ChatFormat) -> tuple[
+    list[int], list[int]
+]:
+    """``(text ids, text + closing ids)`` of one reply, as the chat template's whole text encodes them.
+
+    A reply is encoded together with the prompt before it (and the closing text after it),
+    and the prompt's tokens are taken off the front: a SentencePiece (Metaspace) tokenizer
+    gives a separately encoded text a leading ``▁`` that the joint encoding, which inference
+    sees, does not have (Mistral's ``[/INST]hello``), and merges a reply's last characters
+    with the closing text's space (Llama-2's ``world </s>``). Byte-level BPE splits at these
+    boundaries anyway, so there the two encodings agree. Where the prompt's last token merges
+    with the reply's first, no cut reproduces the joint encoding and the reply is encoded on
+    its own; so is a reply without a template (plain text gets EOS).
+    """
+    separate = _encode(tokenizer, body)
+    if not fmt.templated:
+        return separate, separate + list(fmt.end_ids)
+    n = len(prompt_ids)
+    joint = _encode(tokenizer, prompt_text + body)
+    if joint[:n] != prompt_ids:
+        return separate, separate + list(fmt.end_ids)
+    text = joint[n:]
+    special = special_token_ids(tokenizer)
+    if not any(t in special for t in _encode(tokenizer, fmt.reply_tail)):
+        return text, text + list(fmt.end_ids)  # the template closes with no special token: EOS (end_ids)
+    closed = _encode(tokenizer, prompt_text + body + fmt.reply_tail)
+    if closed[:n] != prompt_ids:
+        return text, text + list(fmt.end_ids)
+    closed = closed[n:]
+    # The closing tokens end at the tail's last special token (ChatFormat.end_ids' rule).
+    last = max(i for i, t in enumerate(closed) if t in special)
+    return text, closed[: last + 1]
+
+
 @contextlib.contextmanager
 def _template_errors_name(pair: PreferencePair) -> Iterator[None]:
     """A chat-template error becomes a :class:`DataError` naming the pair's file, row and field."""
@@ -234,10 +277,10 @@ def tokenize_pair(
     # The chat template writes its own special tokens as text; plain text gets the
     # tokenizer's usual BOS (if it has one).
     prompt_ids = _encode(tokenizer, prompt_text, add_special_tokens=not fmt.templated)
-    body_ids = [_encode(tokenizer, body) for body in bodies]
+    replies = [_reply_ids(tokenizer, prompt_text, prompt_ids, body, fmt) for body in bodies]
     info = {
         "prompt_length": len(prompt_ids),
-        "sequence_length": len(prompt_ids) + max(len(b) for b in body_ids) + len(fmt.end_ids),
+        "sequence_length": len(prompt_ids) + max(len(closed) for _, closed in replies),
         "truncated_prompt": 0,
         "truncated_response": 0,
         "system_folded": int(fmt.folds_system and any(m["role"] == "system" for m in pair.prompt)),
@@ -253,14 +296,14 @@ def tokenize_pair(
         info["truncated_prompt"] = 1
     budget = max_length - len(prompt_ids)
     responses = []
-    for ids in body_ids:
-        if len(ids) + len(fmt.end_ids) > budget:
-            ids = ids[: max(budget, 0)]  # cut: no closing token, it did not end here
+    for text_ids, closed in replies:
+        if len(closed) > budget:
+            ids = text_ids[: max(budget, 0)]  # cut: no closing token, it did not end here
             info["truncated_response"] = 1
             text_tokens = len(ids)
         else:
-            text_tokens = len(ids)
-            ids = ids + list(fmt.end_ids)
+            text_tokens = len(text_ids)
+            ids = closed
         if text_tokens == 0:
             return None, info  # a reply with no text token left teaches nothing
         responses.append(ids)

@@ -8,6 +8,11 @@ parameters only, a few MB) are written to ``<run>/best/`` as safetensors with a 
 a resumed run still knows its best; at the end of the run they are copied back into the model
 and become the shipped adapter.
 
+Crash-safe order: a new best is written whole into ``best.tmp/`` (weights, then the record,
+each fsynced), the current ``best/`` is renamed to ``best.old/``, ``best.tmp/`` to ``best/``,
+and ``best.old/`` is removed. A record is therefore never paired with another step's weights,
+and a crash between the two renames leaves ``best.old/``, which is read instead.
+
 Under FSDP2 every rank runs the evaluation and calls :meth:`BestCheckpoint.consider` and
 :meth:`~BestCheckpoint.restore` with the ``sharded_state.ShardedModel``: the weights are
 gathered (a collective) for rank 0 to write, and restored into each rank's slices.
@@ -16,12 +21,13 @@ gathered (a collective) for rank 0 to write, and restored into each rank's slice
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, fsync_dir, fsync_tree
 from .health import health_gate
 
 if TYPE_CHECKING:
@@ -37,6 +43,9 @@ class BestCheckpoint:
     def __init__(self, run_dir: Path, resumed_step: int = 0):
         self.dir = Path(run_dir) / "best"
         self.record: dict[str, Any] | None = None
+        old = self.dir.with_name("best.old")
+        if not (self.dir / RECORD).is_file() and (old / RECORD).is_file():
+            old.replace(self.dir)  # a crash fell between the two renames of _save: the old best stands
         path = self.dir / RECORD
         if path.is_file() and (self.dir / WEIGHTS).is_file():
             record = json.loads(path.read_text())
@@ -86,11 +95,18 @@ class BestCheckpoint:
                 return
         else:
             tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / (WEIGHTS + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(self.dir / WEIGHTS)
-        atomic_write_text(self.dir / RECORD, json.dumps(record, indent=2) + "\n")  # written last: the commit
+        tmp, old = self.dir.with_name("best.tmp"), self.dir.with_name("best.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS))
+        atomic_write_text(tmp / RECORD, json.dumps(record, indent=2) + "\n")
+        fsync_tree(tmp)
+        if self.dir.exists():  # replaced as a whole: weights and record never from two steps
+            shutil.rmtree(old, ignore_errors=True)
+            self.dir.rename(old)
+        tmp.rename(self.dir)
+        fsync_dir(self.dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
         self.record = record
 
     @torch.no_grad()

@@ -8,9 +8,11 @@ Layout of an adapter directory::
 
 Any peft release can load the folder (``PeftModel.from_pretrained(base, dir)``); the card is
 what lets :func:`load_adapter` refuse a base the adapter was not trained on. Its front matter
-holds, under ``qlora_orpo:``, the base (hub name, the ``--model`` value, the local path trained
-from, and its :func:`fingerprint`), the data (name, source, shape, rows), the resolved training
-config and the final held-out metrics.
+holds, under ``qlora_orpo:``, the base (hub name, the ``--model`` value and its
+:func:`fingerprint`), the data (name, sha256, shape, rows), the resolved training config and
+the final held-out metrics. Nothing in the folder names a local path (it is made to be
+shared); the local paths of the base and the data go to ``<name>.local.json`` beside it
+(:data:`LOCAL_SUFFIX`; ``runs/<run>/adapter.local.json`` for a run's adapter).
 
 The fingerprint (``models/fingerprint.py``) and the card (``card.py``) have their own modules.
 """
@@ -34,7 +36,7 @@ from ..models.fingerprint import (
     fingerprint,
     fingerprint_differences,
 )
-from .card import EMBEDDED_HUB_ID, card_metadata, parse_card, render_card
+from .card import EMBEDDED_HUB_ID, card_metadata, local_paths, parse_card, render_card
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     import torch
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
+LOCAL_SUFFIX = ".local.json"  # <adapter dir><this>: the local paths trained from (card.local_paths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +117,26 @@ def read_adapter(adapter_dir: str | Path, require_card: bool = True) -> AdapterI
     return AdapterInfo(path, peft_config, parse_card(text, card_path))
 
 
+def local_record_path(adapter_dir: Path) -> Path:
+    """Where the local paths an adapter was trained from are kept: beside it, not in it."""
+    adapter_dir = Path(adapter_dir)
+    return adapter_dir.with_name(adapter_dir.name + LOCAL_SUFFIX)
+
+
+def local_record(adapter_dir: Path) -> dict[str, Any]:
+    """The local paths of the base and the data an adapter was trained from (``{}`` if not on this machine)."""
+    try:
+        record = json.loads(local_record_path(adapter_dir).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def resolve_base(info: AdapterInfo, override: str | None = None) -> str:
     """The local directory of the adapter's base: ``override``, else what the card records.
 
-    In order: the local path trained from, if it still exists; the ``--model`` value trained
-    with (``"embedded"`` converts the embedded model if needed); the hub name (the embedded
+    In order: the local path trained from (:func:`local_record`, or an older card), if it
+    still exists; the ``--model`` value trained with (``"embedded"`` converts the embedded model if needed); the hub name (the embedded
     model's hub id maps to ``"embedded"``); finally peft's ``base_model_name_or_path``.
     """
     from ..models.loader import resolve_model_path
@@ -126,10 +144,14 @@ def resolve_base(info: AdapterInfo, override: str | None = None) -> str:
     if override:
         return resolve_model_path(override)
     base = info.base
+    local = local_record(info.path).get("base") or {}
     candidates: list[str] = []
-    if base.get("path") and Path(str(base["path"])).is_dir():
-        return str(base["path"])
-    for value in (base.get("model"), base.get("name"), info.peft_config.get("base_model_name_or_path")):
+    # Cards written before issue 20 recorded the local path in the card itself.
+    for path in (local.get("path"), base.get("path")):
+        if path and Path(str(path)).is_dir():
+            return str(path)
+    for value in (local.get("model"), base.get("model"), base.get("name"),
+                  info.peft_config.get("base_model_name_or_path")):
         if value:
             candidates.append("embedded" if value == EMBEDDED_HUB_ID else str(value))
     tried: list[str] = []
@@ -167,12 +189,14 @@ def save_adapter(
     The files are written into a temporary sibling directory and renamed into place, so
     ``adapter_dir`` is never half written (a previous adapter there is replaced only once the
     new one is complete). ``adapter_config.json`` names the base by its hub id where one is
-    known; the card keeps the local path trained from.
+    known, else by its directory's name; the local paths trained from go to the local record
+    beside the directory (:data:`LOCAL_SUFFIX`), never into it.
     """
     from ..models.loader import quiet_checkpointing_renames
 
     target = Path(adapter_dir)
     meta = card_metadata(model, tokenizer, cfg, data, metrics, evaluation)
+    base_name = meta.get("base_model") or meta["qlora_orpo"]["base"]["name"]
     tmp = make_temp_dir(target)
     try:
         with quiet_checkpointing_renames():
@@ -182,11 +206,12 @@ def save_adapter(
                 model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         config_path = tmp / CONFIG_FILE
         peft_config = json.loads(config_path.read_text())
-        if meta.get("base_model"):
-            peft_config["base_model_name_or_path"] = meta["base_model"]
+        if base_name:  # peft wrote the local path it was loaded from
+            peft_config["base_model_name_or_path"] = base_name
         atomic_write_text(config_path, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
         atomic_write_text(tmp / CARD_FILE, render_card(meta))  # replaces peft's generic card
         replace_dir(tmp, target)
+        atomic_write_text(local_record_path(target), json.dumps(local_paths(model, cfg, data), indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

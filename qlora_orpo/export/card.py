@@ -1,14 +1,22 @@
 """The adapter card: ``README.md`` with YAML front matter (hub metadata + ``qlora_orpo:``) and a short text.
 
-Under ``qlora_orpo:`` it holds the base (hub name, the ``--model`` value, the local path
-trained from, and its fingerprint), the data (name, source, shape, rows), the resolved
-training config, the final held-out metrics and, when the run evaluated, the evaluation
-(base vs adapter with intervals, generation health, a few replies).
+Under ``qlora_orpo:`` it holds the base (hub name, the ``--model`` value, and its
+fingerprint), the data (name, sha256, shape, rows), the resolved training config, the final
+held-out metrics and, when the run evaluated, the evaluation (base vs adapter with intervals,
+generation health, a few replies).
+
+A card is made to be shared, so it records no local path: a base by its hub id or its
+directory's name, the data by its file name and sha256, any other path-valued setting by
+its last component (:func:`public_name`). The local paths trained from go to
+:func:`local_paths`, which ``adapters.save_adapter`` writes beside the adapter (in a run,
+inside the run directory), where ``resolve_base`` and the export verification read them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +47,7 @@ def render_card(meta: dict[str, Any]) -> str:
     """The card text for the front-matter mapping ``meta`` (the ``qlora_orpo:`` block inside it)."""
     ours = meta["qlora_orpo"]
     base = ours["base"]
-    name = base.get("name") or base.get("path")
+    name = base.get("name") or base.get("model")
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
@@ -47,8 +55,7 @@ def render_card(meta: dict[str, Any]) -> str:
         "",
         f"# ORPO LoRA adapter for {name}",
         "",
-        f"Trained with `qlora_orpo` (ORPO on a 4-bit base with LoRA) on {base.get('model')!r}"
-        f" ({base.get('path')}).",
+        f"Trained with `qlora_orpo` (ORPO on a 4-bit base with LoRA) on {base.get('model')!r}.",
     ]
     data = ours.get("data")
     if data:
@@ -71,7 +78,7 @@ def render_card(meta: dict[str, Any]) -> str:
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({str(base.get('path') or name)!r})",
+        f"base = AutoModelForCausalLM.from_pretrained({str(name)!r})",
         "model = PeftModel.from_pretrained(base, \"<this directory>\")",
         "```",
         "",
@@ -87,11 +94,14 @@ def parse_card(text: str, path: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: the card has no YAML front matter (it must start with a '---' line)")
     lines = text.splitlines()
     try:
-        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+        # The closing marker is a line that is exactly '---' (trailing blanks allowed): a
+        # multi-line string in the front matter is written as a quoted scalar whose lines
+        # are indented, so an indented '---' is the content of a value, not the end.
+        end = next(i for i in range(1, len(lines)) if lines[i].rstrip() == "---")
     except StopIteration:
         raise AdapterError(f"{path}: the card's YAML front matter is not closed by a '---' line") from None
     try:
-        meta = yaml.safe_load("\n".join(lines[1:end]))
+        meta = yaml.safe_load("\n".join(lines[1:end]) + "\n")  # the newline a kept block scalar (|+) ends with
     except yaml.YAMLError as exc:
         raise AdapterError(f"{path}: cannot parse the card's front matter ({str(exc).splitlines()[0]})") from None
     if not isinstance(meta, dict):
@@ -119,6 +129,37 @@ def base_hub_id(model_spec: str | None, local_path: str | None) -> str | None:
     return None
 
 
+def public_name(value: str | None) -> str | None:
+    """``value`` as a shared card may show it: a local path (absolute, or one that exists here)
+    becomes its last component; anything else (a hub id, ``embedded``, a plain name) stays."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute() or value.startswith("~") or (os.sep in value and path.exists()):
+        return path.name
+    return value
+
+
+def file_sha256(path: str | None) -> str | None:
+    """The sha256 of a data file (None for a dataset name or a directory): names the data without its path."""
+    if not path or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_paths(model: torch.nn.Module, cfg: OrpoConfig | None, data: PreferenceData | None) -> dict[str, Any]:
+    """What the card leaves out, for this machine only: the base's local directory and the
+    ``--model`` and ``--data`` values as given (paths included)."""
+    return {
+        "base": {"path": _base_local_path(model), "model": cfg.model if cfg is not None else None},
+        "data": {"path": str(data.source) if data is not None else None, "data": cfg.data if cfg is not None else None},
+    }
+
+
 def _base_local_path(model: torch.nn.Module) -> str | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     path = getattr(base.config, "_name_or_path", None) or getattr(base, "name_or_path", None)
@@ -142,9 +183,8 @@ def card_metadata(
     model_spec = cfg.model if cfg is not None else local_path
     hub_id = base_hub_id(model_spec, local_path)
     base: dict[str, Any] = {
-        "name": hub_id or model_spec,
-        "model": model_spec,
-        "path": local_path,
+        "name": hub_id or public_name(model_spec),
+        "model": public_name(model_spec),
         "fingerprint": fingerprint(model, tokenizer),
     }
     marker = Path(local_path) / "qlora_orpo_source.json" if local_path else None
@@ -158,17 +198,20 @@ def card_metadata(
     if data is not None:
         name = cfg.data if cfg is not None else data.source
         ours["data"] = {
-            "name": name,
-            "source": str(data.source),
+            "name": public_name(name),
+            "source": public_name(str(data.source)),
             "shape": data.shape,
             "rows": int(data.total_rows),
             "pairs": len(data.pairs),
         }
+        digest = file_sha256(str(data.source))
+        if digest:
+            ours["data"]["sha256"] = digest
         if name == "embedded":
             ours["data"]["hub_dataset"] = f"{EMBEDDED_DATA_HUB_ID} (harmless-base, test split)"
             hub_datasets.append(EMBEDDED_DATA_HUB_ID)
     if cfg is not None:
-        ours["training"] = cfg.to_dict()
+        ours["training"] = {k: public_name(v) if isinstance(v, str) else v for k, v in cfg.to_dict().items()}
     ours["metrics"] = {k: _plain(v) for k, v in metrics.items()} if metrics else None
     if evaluation:
         ours["evaluation"] = _plain_tree(_card_evaluation(evaluation))
@@ -188,8 +231,12 @@ def card_metadata(
 
 
 def _card_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """``evaluation`` with the health replies cut to :data:`CARD_REPLIES` (their ids dropped): figures stay whole."""
+    """``evaluation`` with the health replies cut to :data:`CARD_REPLIES` (their ids dropped) and its
+    settings' paths cut to names (:func:`public_name`): figures stay whole."""
     out = dict(evaluation)
+    for key in ("settings", "pairs"):  # the adapter, base and data paths it was evaluated with
+        if isinstance(out.get(key), dict):
+            out[key] = {k: public_name(v) if isinstance(v, str) else v for k, v in out[key].items()}
     health = out.get("health")
     if health:
         health = dict(health)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..core.files import atomic_write_text
 from .adapters import load_adapter, read_adapter, resolve_base
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, build_vocab, render_modelfile, write_vocab
@@ -269,7 +270,7 @@ def export_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    modelfile.write_text(render_modelfile(out.name, tokenizer, vocab.end_of_turn), encoding="utf-8")
+    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn))
     result = GGUFExportResult(path=str(out), modelfile=str(modelfile), quant=quant, bytes=size,
                               seconds=time.perf_counter() - start, end_of_turn=vocab.end_of_turn, check=check)
     verdict = "not verified"

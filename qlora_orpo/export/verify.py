@@ -100,17 +100,23 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
     The first ``count`` held-out pairs of the data recorded in the card (the same hash split
     as training), or fixed conversations when the data cannot be read or nothing was held out.
     """
-    from ..data.templating import has_chat_template, render_prompt
+    from ..data.templating import ChatFormat, render_conversation
+    from .adapters import local_record
+    from .card import public_name
 
     training = (info.card or {}).get("qlora_orpo", {}).get("training") or {}
+    # The card names the data without its path; the local record beside the adapter has it.
+    # (only where the card's name is that path's: a card edited to name other data wins).
+    local_data = (local_record(info.path).get("data") or {}).get("data")
+    data_path = local_data if local_data and public_name(local_data) == training.get("data") else training.get("data")
     conversations: list[tuple[list[dict[str, str]], str]] = []
     origin = "built-in prompts"
-    if training.get("data") and float(training.get("eval_fraction", 0.0)) > 0:
+    if data_path and float(training.get("eval_fraction", 0.0)) > 0:
         from ..data.preferences import load_preferences, split_holdout
 
         try:
             data = load_preferences(
-                training["data"],
+                data_path,
                 prompt_field=training.get("prompt_field", "prompt"),
                 chosen_field=training.get("chosen_field", "chosen"),
                 rejected_field=training.get("rejected_field", "rejected"),
@@ -118,19 +124,14 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
             )
             _, held = split_holdout(data.pairs, float(training["eval_fraction"]))
             conversations = [(list(p.prompt), p.chosen) for p in held[:count]]
-            origin = f"{len(conversations)} held-out pairs of {training['data']}"
+            origin = f"{len(conversations)} held-out pairs of {training['data']}"  # the card's name for it
         except (UserError, OSError, ValueError) as exc:
             log(f"cannot read the training data ({exc}); using built-in prompts")
     if not conversations:
         conversations = [([{"role": "user", "content": q}], a) for q, a in FALLBACK_CONVERSATIONS[:count]]
-    texts = []
-    for prompt, response in conversations:
-        if has_chat_template(tokenizer):
-            messages = [*prompt, {"role": "assistant", "content": response}]
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-        else:
-            texts.append(render_prompt(tokenizer, prompt) + " " + response)
-    return texts, origin
+    # Rendered as training rendered them: a template that refuses a system turn gets it folded.
+    fmt = ChatFormat.of(tokenizer)
+    return [render_conversation(tokenizer, prompt, response, fmt) for prompt, response in conversations], origin
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int) -> list[list[int]]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.errors import ModelError
+from ..core.files import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -213,7 +214,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     marker = {**_source_marker(gguf), "tied_dropped": sorted(dropped)}
     # The marker is written last: a directory without it is never trusted.
-    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    atomic_write_text(out / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
 
 
 def _drop_tied_output_embedding(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> set[str]:

@@ -142,6 +142,16 @@ def _adapter_training_config(adapter: Path) -> dict[str, Any]:
         values = dict(training) if isinstance(training, dict) else {}
     elif (adapter.parent / "config.yaml").is_file():
         values = OrpoConfig.read_file(adapter.parent / "config.yaml")
+    # The card names the base and the data without their local paths; the record beside the
+    # adapter (export/adapters.local_record) has them on the machine that trained it.
+    from ..export.adapters import local_record
+    from ..export.card import public_name
+
+    local = local_record(adapter)
+    for field, part in (("model", "base"), ("data", "data")):
+        given = (local.get(part) or {}).get(field)
+        if values and given and public_name(given) == values.get(field):  # the card names this one
+            values[field] = given
     # The device is this machine's business, not the training machine's; and every held-out
     # pair is evaluated unless --max-pairs says otherwise (older runs capped theirs at 64).
     return {k: v for k, v in values.items() if k in EVAL_FIELDS and k not in ("device", "eval_max_pairs")}

@@ -14,6 +14,7 @@ alone writing the run directory (``training/distributed.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch
 
 from ..config import OrpoConfig
 from ..core.errors import UserError
+from ..core.runlock import RunLock
 from ..data.collate import TokenizedPair
 from ..data.preferences import PreferenceData, load_from_config, split_holdout
 from ..data.sampling import micro_batches
@@ -32,11 +34,14 @@ from ..data.templating import tokenize_pairs
 from ..evaluation.run_evaluator import RunEvaluator
 from ..models.memory import apply_cpu_allocator_policy
 from ..training import distributed
-from ..training.checkpoint import latest_checkpoint
+from ..training.checkpoint import latest_checkpoint, resumable_checkpoint
 from ..training.loop import LoopHooks, Trainer, fit, log, prepare
 from ..training.metrics import MetricsLogger
 from ..training.resume import resume_config
 from ..training.sharded_state import ShardedModel
+
+# What a run writes into its directory first: any of them there means a run was started in it.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 
 
 def run(
@@ -57,8 +62,9 @@ def run(
 
     dist = distributed.init(select_device(cfg.device))
     try:
-        with dist.interrupts_at_micro_batch_ends():  # FSDP2: see training/loop.fit
-            summary = _finetune(cfg, resume, on_step_end, overrides, dist)
+        # held: the run directory's lock (rank 0), released when the run ends however it ends.
+        with contextlib.ExitStack() as held, dist.interrupts_at_micro_batch_ends():  # FSDP2: see training/loop.fit
+            summary = _finetune(cfg, resume, on_step_end, overrides, dist, held)
         # Every rank past its last collective before the group goes: tearing gloo down while
         # another rank's work is in flight aborts that process ("terminate called ...").
         dist.barrier()
@@ -73,19 +79,24 @@ def _finetune(
     on_step_end: Callable[[int], None] | None,
     overrides: dict[str, Any] | None,
     dist: distributed.Dist,
+    held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     from ..models.loader import load_model_for_training, select_device
 
     # The CPU allocator policy (jemalloc re-exec, glibc tuning) is for CPU runs only.
     on_cpu = select_device(cfg.device).type == "cpu"
     allocator = apply_cpu_allocator_policy(cfg.cpu_allocator) if on_cpu else "CUDA caching allocator"
-    cfg, run_dir, checkpoint = open_run(cfg, resume, overrides, dist)
-    data, train_pairs, eval_pairs = load_data(cfg)
+    # A new run reads its data before it makes its directory: a bad --data writes nothing. A
+    # resume reads the data its recorded config names.
+    loaded = None if resume else load_data(cfg)
+    cfg, run_dir, checkpoint = open_run(cfg, resume, overrides, dist, held)
+    data, train_pairs, eval_pairs = loaded or load_data(cfg)
     model, tokenizer, info = load_model_for_training(cfg)
     log(f"model: {info.describe()}; allocator: {allocator}")
     train_tok, eval_tok = tokenise(cfg, tokenizer, train_pairs, eval_pairs)
     if dist.enabled:
-        log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}")
+        log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}; "
+            f"a rank waits up to {distributed.collective_timeout()} in a collective (QLORA_ORPO_COLLECTIVE_TIMEOUT_S)")
     trainer = prepare(cfg, model, tokenizer.pad_token_id, info.compute_dtype, info.device, train_tok, dist,
                       run_dir, str(data.source), checkpoint)
     step = trainer.state.step
@@ -113,22 +124,37 @@ def _finetune(
 
 
 def open_run(
-    cfg: OrpoConfig, resume: bool, overrides: dict[str, Any] | None, dist: distributed.Dist
+    cfg: OrpoConfig, resume: bool, overrides: dict[str, Any] | None, dist: distributed.Dist,
+    held: contextlib.ExitStack | None = None,
 ) -> tuple[OrpoConfig, Path, Path | None]:
-    """The run directory, created with the resolved config in it; on resume, the run's own config and checkpoint."""
-    run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume))))  # rank 0's timestamp
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    """The run directory, created with the resolved config in it; on resume, the run's own config and checkpoint.
+
+    Rank 0 takes the directory's lock (``core/runlock.py``) and keeps it in ``held`` (or until
+    the process ends): a second run in the same directory is refused while this one trains.
+    Without ``--resume`` a directory that already holds a run (its config, metrics or
+    checkpoints) is refused, even one that died before its first checkpoint.
+    """
+    if not resume:
+        dist.check_export(cfg.export)  # before anything is written (a resume checks its recorded config below)
+    run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume, claim=dist.is_main))))  # rank 0's name
+    if dist.is_main and (not resume or run_dir.is_dir()):  # a resume of nothing makes no directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
+        if held is not None:
+            held.callback(lock.release)
+    # A damaged newest checkpoint (a flipped bit, a truncated file) gives way to the one before, saying so.
+    checkpoint = resumable_checkpoint(run_dir, log) if resume else None
     if resume:
         if checkpoint is None:
             raise UserError(f"--resume: {run_dir} has no complete checkpoint")
         # The run's own config, not today's defaults; only schedule-independent fields may change.
         cfg, changes = resume_config(run_dir, given_fields(cfg) if overrides is None else overrides)
         log(f"resuming {run_dir} from {checkpoint.name}" + (f"; changed {'; '.join(changes)}" if changes else ""))
-    elif (run_dir / "checkpoints").exists():
+    elif any((run_dir / name).exists() for name in RUN_FILES):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
     dist.check_export(cfg.export)
+    dist.barrier()  # every rank has looked at the directory before rank 0 writes its config there
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_file(run_dir / "config.yaml")
     dist.barrier()  # no rank reads the run directory while rank 0 writes it
     torch.manual_seed(cfg.seed)
@@ -136,7 +162,10 @@ def open_run(
     return cfg, run_dir, checkpoint
 
 
-def resolve_run_dir(cfg: OrpoConfig, resume: bool) -> Path:
+def resolve_run_dir(cfg: OrpoConfig, resume: bool, claim: bool = True) -> Path:
+    """``output_dir/run_name``; with ``--resume`` and no name, the newest run with a checkpoint;
+    else a new ``orpo-<date>-<time>`` directory, created at once when ``claim`` (rank 0) so that
+    two runs started in the same second cannot share it (the second gets a ``-2`` suffix, ...)."""
     root = Path(cfg.output_dir)
     if cfg.run_name:
         return root / cfg.run_name
@@ -145,7 +174,18 @@ def resolve_run_dir(cfg: OrpoConfig, resume: bool) -> Path:
         if not runs:
             raise UserError(f"--resume: no run with a checkpoint in {root}")
         return runs[-1]
-    return root / datetime.now().strftime("orpo-%Y%m%d-%H%M%S")
+    stamp = datetime.now().strftime("orpo-%Y%m%d-%H%M%S")
+    if not claim:
+        return root / stamp  # another rank: rank 0's name replaces it
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()  # atomic: exactly one process creates it
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"{root}: cannot find a free run name for {stamp}; pass --run-name")
 
 
 def given_fields(cfg: OrpoConfig) -> dict[str, Any]:

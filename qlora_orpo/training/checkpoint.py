@@ -19,19 +19,27 @@ to ``step-N.old`` if a crash fell between the two renames.
 
 ``state.json`` records the train state (completed optimizer steps, the micro-batches those
 steps consumed, tokens, and the fingerprint of the training data) with the optimizer's
-scalars, the scheduler and the RNG state of the last completed step's end.
+scalars, the scheduler and the RNG state of the last completed step's end, and the sha256 of
+every other file of the checkpoint. A resume checks them (:func:`resumable_checkpoint`): a
+damaged checkpoint (a flipped bit, a truncated file) is passed over, saying so, for the
+newest older one that is whole. A failed save (a full disk: safetensors raises its own
+``SafetensorError``, not an ``OSError``) removes its partial directory and names the last
+good checkpoint; a successful one removes the ``.tmp``/``.old`` debris of earlier crashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import TrainingError
@@ -189,6 +197,7 @@ def save_checkpoint(
             "optimizer": meta,
             "scheduler": scheduler.state_dict(),
             "python_random": rng.python,
+            "sha256": _file_hashes(tmp),  # state.json is written last and vouches for the rest
         }
         atomic_write_text(tmp / "state.json", json.dumps(payload))
         fsync_tree(tmp)
@@ -199,17 +208,96 @@ def save_checkpoint(
         fsync_dir(root)
         atomic_write_text(root / "latest", name + "\n")
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a full disk: safetensors raises its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the last good checkpoint is {previous}" if previous else "no earlier checkpoint exists"
-        raise TrainingError(f"could not save the checkpoint for step {state.step} ({exc.strerror or exc}); {kept}") from exc
+        where = getattr(exc, "filename", None) or tmp
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(f"{where}: could not save the checkpoint for step {state.step} ({reason}); {kept}; "
+                            f"{_free_space(root)} free on its disk") from exc
     _prune(root, keep_path=final, limit=keep)
     return final
 
 
+def _file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` (but state.json), keyed by its relative path."""
+    hashes = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "state.json"):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (a missing, truncated or changed file), or None.
+
+    Checks every file against the sha256 that ``state.json`` records; a checkpoint written
+    before the hashes were recorded has its safetensors headers read instead.
+    """
+    try:
+        payload = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        hashes = payload.get("sha256")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"state.json is unreadable ({exc})"
+    if not isinstance(hashes, dict):  # an older checkpoint: at least the files must parse
+        for name in ("adapter/adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            try:
+                load_file(str(path / name))
+            except (OSError, SafetensorError, ValueError) as exc:
+                return f"{name} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return None
+    actual = _file_hashes(path)
+    for name, digest in hashes.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != digest:
+            return f"{name} does not match its sha256 in state.json"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint of a run that is whole (:func:`checkpoint_problem`), or None if it has none.
+
+    A damaged newer one is passed over and ``say`` is told which and why; :class:`TrainingError`
+    if every checkpoint kept is damaged.
+    """
+    root = checkpoint_dir(run_dir)
+    newest = latest_checkpoint(run_dir)
+    complete = sorted((p for p in root.glob("step-*") if p.is_dir() and "." not in p.name), reverse=True)
+    candidates = list(dict.fromkeys([newest, *complete] if newest else complete))
+    damaged = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                say(f"{'; '.join(damaged)}; resuming from {path.name}, the newest whole checkpoint")
+            return path
+        damaged.append(f"checkpoint {path.name} is damaged: {problem}")
+    if damaged:
+        raise TrainingError(f"{root}: no whole checkpoint to resume from ({'; '.join(damaged)})")
+    return None
+
+
 def _prune(root: Path, keep_path: Path, limit: int) -> None:
-    """Keep the newest ``limit`` complete checkpoints (and always ``keep_path``, the one just written)."""
+    """Keep the newest ``limit`` complete checkpoints (and always ``keep_path``, the one just written).
+
+    Also removes the ``step-N.tmp`` and ``step-N.old`` directories that a crash or a full disk
+    left: with ``keep_path`` in place and ``latest`` pointing at it, nothing refers to them.
+    """
+    for debris in root.glob("step-*"):
+        if debris.is_dir() and debris.suffix in (".tmp", ".old") and debris != keep_path:
+            shutil.rmtree(debris, ignore_errors=True)
     complete = sorted(p for p in root.glob("step-*") if p.is_dir() and "." not in p.name)
     for old in complete[: -max(1, limit)]:
         if old != keep_path:
@@ -234,8 +322,8 @@ def load_checkpoint(
         adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
         optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"{path}: cannot read checkpoint ({exc})") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise TrainingError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
     if sharded is not None:
         try:
             sharded.load_adapter_state(adapter)

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ from torch import nn
 
 from ..core.errors import UserError
 from ..core.launcher import sharding_from_env
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 4 * 3600  # see collective_timeout
 
 
 def _accelerate_single_process_request() -> int:
@@ -262,8 +265,26 @@ def init(device: torch.device) -> Dist:
         return dist
     if device.type == "cuda":
         torch.cuda.set_device(dist.local_rank)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return dist
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank waits in a collective: ``QLORA_ORPO_COLLECTIVE_TIMEOUT_S`` seconds, 4 hours by default.
+
+    Under DDP rank 0 alone evaluates, selects the best checkpoint and exports (a merged
+    export or a GGUF file of a large model takes many minutes) while the other ranks wait in
+    the next barrier. The backends' own default (10 minutes for NCCL) would kill such a run,
+    so the wait is set explicitly, and long.
+    """
+    raw = os.environ.get("QLORA_ORPO_COLLECTIVE_TIMEOUT_S", "")
+    try:
+        seconds = float(raw) if raw else DEFAULT_COLLECTIVE_TIMEOUT_S
+    except ValueError:
+        raise UserError(f"QLORA_ORPO_COLLECTIVE_TIMEOUT_S: {raw!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise UserError(f"QLORA_ORPO_COLLECTIVE_TIMEOUT_S: {raw!r} must be positive")
+    return timedelta(seconds=seconds)
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:

@@ -111,7 +111,7 @@ def prepare(
     sharded = ShardedModel(model, side_forward) if dist.sharded else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, device)
-    total_steps = total_optimizer_steps(cfg, len(train_pairs))
+    total_steps = total_optimizer_steps(cfg, len(train_pairs), dist.world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     state = TrainState()
     fingerprint = data_fingerprint(train_pairs)
@@ -183,7 +183,8 @@ def fit(trainer: Trainer, batches: Iterator[PairBatch], metrics_log: MetricsLogg
     except KeyboardInterrupt:
         _save_on_interrupt(trainer, metrics_log, hooks, step_end_rng)
         raise
-    metrics_log.close_progress()
+    finally:  # also on an error: its one line must start a line, not follow the bar's
+        metrics_log.close_progress()
     return last
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..data.collate import IGNORE_INDEX
 
 _LN2 = math.log(2.0)
+_LOGP_CEILING = 1e-12  # log1mexp's input is clamped to at most -this (see there)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     in float32) and loses relative precision for very negative x. The standard remedy
     (Maechler 2012, "Accurately computing log(1 - exp(-|a|))") switches at -ln 2:
     ``log(-expm1(x))`` above, ``log1p(-exp(x))`` below. Finite for x in [-1e4, -1e-12] in
-    float32 and float64; x = 0 gives -inf, as the maths says.
+    float32 and float64.
+
+    x is clamped to at most -1e-12 (or the dtype's smallest normal number, if larger): a
+    mean log-prob of exactly 0.0 (a short memorised reply in float32) would otherwise give
+    -inf here, an infinite odds ratio and a NaN gradient that aborts the run. The clamp
+    changes nothing a float32 model can resolve (a probability within 1e-12 of 1 is 1 to
+    float32, whose eps is 1.2e-7), keeps ``1 / (1 - p)`` at most 1e12 (its square, in a
+    gradient norm, stays finite in float32), and its gradient is 0 at the clamp.
     """
+    x = torch.clamp(x, max=-max(_LOGP_CEILING, torch.finfo(x.dtype).tiny))
     # torch.where evaluates both branches; clamp the unused one so it cannot produce NaN
     # (whose gradient would poison the used branch through autograd).
     near_zero = x > -_LN2
@@ -130,7 +139,8 @@ def orpo_loss(
 
 
 def inverse_one_minus_p(logps: torch.Tensor) -> torch.Tensor:
-    """d log_odds / d logp = 1 / (1 - p), computed as exp(-log1mexp(logp)) so it never divides by a rounded 0."""
+    """d log_odds / d logp = 1 / (1 - p), computed as exp(-log1mexp(logp)) so it never divides by a rounded 0
+    (at most 1e12: ``log1mexp`` clamps logp = 0)."""
     return torch.exp(-log1mexp(logps))
 
 

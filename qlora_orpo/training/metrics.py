@@ -43,12 +43,10 @@ class JsonlSink:
 
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            # A resumed run replays the steps after its checkpoint: drop their old records.
-            kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
-            ]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            # A resumed run replays the steps after its checkpoint: drop their old records
+            # (and a torn last line, which a kill or a full disk mid-write leaves).
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -168,4 +166,29 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl``.
+
+    A last line that is not whole JSON (a kill or a full disk in the middle of a write) is
+    left out, saying so on the console; an unreadable line before it is a :class:`TrainingError`
+    naming the file and line, since an append-only log cannot tear there.
+    """
+    from ..core.errors import TrainingError
+
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number - 1 == last:
+                console(f"{path}: line {number} is torn (an interrupted write); reading the {len(records)} records before it")
+                break
+            raise TrainingError(f"{path}, line {number}: not a JSON object")
+        records.append(record)
+    return records

@@ -11,10 +11,16 @@ from ..config import OrpoConfig
 from ..core.errors import UserError
 
 
-def total_optimizer_steps(cfg: OrpoConfig, n_train: int) -> int:
+def total_optimizer_steps(cfg: OrpoConfig, n_train: int, world_size: int = 1) -> int:
+    """Optimizer steps of a run: ``max_steps``, or enough for ``epochs`` passes over ``n_train`` pairs.
+
+    Each optimizer step consumes ``batch_size * grad_accum`` pairs on every one of the
+    ``world_size`` data-parallel ranks, so N ranks pass over the data N times as fast.
+    """
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+    per_step = cfg.batch_size * cfg.grad_accum * max(1, world_size)
+    return max(1, math.ceil(cfg.epochs * n_train / per_step))
 
 
 def lr_lambda(cfg: OrpoConfig, total_steps: int) -> Callable[[int], float]:
