@@ -106,6 +106,16 @@ class OrpoConfig:
         "all-linear",
         "Modules that get LoRA: 'all-linear' (every linear layer but lm_head) or a comma-separated list of names.",
     )
+    use_rslora: bool = _f(
+        False,
+        "Rank-stabilised LoRA (peft's use_rslora): scale the update by alpha / sqrt(r) instead of alpha / r, "
+        "so that a higher rank does not shrink it.",
+    )
+    use_dora: bool = _f(
+        False,
+        "DoRA (peft's use_dora): learn each adapted weight's column norms (a magnitude vector) beside the "
+        "LoRA direction; works on 4-bit layers; steps are slower (the weight norm is recomputed per forward).",
+    )
     gradient_checkpointing: bool = _f(True, "Recompute each layer's activations in backward (use_reentrant=False).")
     step: str = _f(
         "auto",

@@ -45,7 +45,7 @@ def render_card(meta: dict[str, Any]) -> str:
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         "",
-        f"# ORPO LoRA adapter for {name}",
+        f"# ORPO {METHOD_NAMES[(ours.get('adapter') or {}).get('method', 'lora')]} adapter for {name}",
         "",
         f"Trained with `qlora_orpo` (ORPO on a 4-bit base with LoRA) on {base.get('model')!r}"
         f" ({base.get('path')}).",
@@ -169,6 +169,9 @@ def card_metadata(
             hub_datasets.append(EMBEDDED_DATA_HUB_ID)
     if cfg is not None:
         ours["training"] = cfg.to_dict()
+    method = adapter_method(model)
+    if method is not None:
+        ours["adapter"] = method
     ours["metrics"] = {k: _plain(v) for k, v in metrics.items()} if metrics else None
     if evaluation:
         ours["evaluation"] = _plain_tree(_card_evaluation(evaluation))
@@ -180,11 +183,30 @@ def card_metadata(
         meta["base_model"] = hub_id
     meta["library_name"] = "peft"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["lora", "orpo", "qlora_orpo"]
+    meta["tags"] = ["lora", "orpo", "qlora_orpo", *(["dora"] if method and method["method"] == "dora" else [])]
     if hub_datasets:
         meta["datasets"] = hub_datasets
     meta["qlora_orpo"] = ours
     return meta
+
+
+def adapter_method(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The adapter's kind as peft built it: ``{method: lora|rslora|dora, r, alpha, scaling}``, None without peft.
+
+    Read from the model's peft config rather than the run config, so that an adapter saved
+    from any source records what its weights mean (rsLoRA's scale is alpha / sqrt(r)).
+    """
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    r, alpha = int(config.r), int(config.lora_alpha)
+    rslora = bool(getattr(config, "use_rslora", False))
+    dora = bool(getattr(config, "use_dora", False))
+    return {"method": "dora" if dora else "rslora" if rslora else "lora", "rslora": rslora, "r": r, "alpha": alpha,
+            "scaling": alpha / (r ** 0.5 if rslora else r)}
+
+
+METHOD_NAMES = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA"}
 
 
 def _card_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:

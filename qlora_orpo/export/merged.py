@@ -248,10 +248,13 @@ def _render_export_card(meta: dict[str, Any]) -> str:
     import yaml
 
     export = meta["qlora_orpo"]["export"]
+    from .card import METHOD_NAMES
+
     name = meta["qlora_orpo"]["base"].get("name") or export["base_path"]
+    method = METHOD_NAMES.get((meta["qlora_orpo"].get("adapter") or {}).get("method", "lora"), "LoRA")
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-        f"# {name} + ORPO LoRA adapter, merged ({export['dtype']})", "",
+        f"# {name} + ORPO {method} adapter, merged ({export['dtype']})", "",
         f"The adapter {export['adapter']} merged into {export['base_path']} in float32, stored as "
         f"{export['dtype']}. A plain transformers model: `AutoModelForCausalLM.from_pretrained(<this directory>)`.",
     ]
