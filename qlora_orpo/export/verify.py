@@ -105,20 +105,28 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
     training = (info.card or {}).get("qlora_orpo", {}).get("training") or {}
     conversations: list[tuple[list[dict[str, str]], str]] = []
     origin = "built-in prompts"
-    if training.get("data") and float(training.get("eval_fraction", 0.0)) > 0:
-        from ..data.preferences import load_preferences, split_holdout
+    if training.get("data") and (training.get("eval_data") or float(training.get("eval_fraction", 0.0)) > 0):
+        from types import SimpleNamespace
 
+        from ..config.sources import describe_value
+        from ..data.mixture import load_eval_data, load_sources, sources_of
+        from ..data.preferences import split_holdout
+
+        # The card's recorded fields, read as the run read them (one source or several, or an eval file).
+        cfg = SimpleNamespace(
+            data=training["data"], eval_data=training.get("eval_data") or "", strict=False,
+            prompt_field=training.get("prompt_field", "prompt"), chosen_field=training.get("chosen_field", "chosen"),
+            rejected_field=training.get("rejected_field", "rejected"), data_split=training.get("data_split", "train"),
+            seed=int(training.get("seed", 0)),
+        )
         try:
-            data = load_preferences(
-                training["data"],
-                prompt_field=training.get("prompt_field", "prompt"),
-                chosen_field=training.get("chosen_field", "chosen"),
-                rejected_field=training.get("rejected_field", "rejected"),
-                split=training.get("data_split", "train"),
-            )
-            _, held = split_holdout(data.pairs, float(training["eval_fraction"]))
+            if cfg.eval_data:
+                held, where = load_eval_data(cfg).pairs, describe_value(cfg.eval_data)
+            else:
+                data = load_sources(sources_of(cfg), seed=cfg.seed)
+                held, where = split_holdout(data.pairs, float(training["eval_fraction"]))[1], data.source
             conversations = [(list(p.prompt), p.chosen) for p in held[:count]]
-            origin = f"{len(conversations)} held-out pairs of {training['data']}"
+            origin = f"{len(conversations)} held-out pairs of {where}"
         except (UserError, OSError, ValueError) as exc:
             log(f"cannot read the training data ({exc}); using built-in prompts")
     if not conversations:

@@ -55,19 +55,26 @@ def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: 
 
 
 def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any], list[Any]]:
-    """The pairs ``train.run`` evaluates on, tokenised; a description of where they came from; the untokenised held-out pairs."""
-    from ..data.preferences import load_from_config, split_holdout
+    """The pairs ``train.run`` evaluates on (the ``eval_data`` file's, else the hash share of ``data``), tokenised;
+    a description of where they came from; the untokenised held-out pairs."""
+    from ..data.mixture import load_eval_data, load_sources, sources_of
+    from ..data.preferences import split_holdout
     from ..data.templating import tokenize_pairs
 
-    if cfg.eval_fraction <= 0:
-        raise UserError("eval_fraction: 0 holds nothing out, so there is nothing to evaluate")
-    data = load_from_config(cfg)
-    _, held = split_holdout(data.pairs, cfg.eval_fraction)
+    if cfg.eval_data:  # an evaluation file: all of it, the training data is not read
+        data = load_eval_data(cfg)
+        held, why = list(data.pairs), "the evaluation data"
+    else:
+        if cfg.eval_fraction <= 0:
+            raise UserError("eval_fraction: 0 holds nothing out, so there is nothing to evaluate (or give --eval-data)")
+        data = load_sources(sources_of(cfg), cfg.strict, cfg.seed)
+        _, held = split_holdout(data.pairs, cfg.eval_fraction)
+        why = f"eval_fraction {cfg.eval_fraction}"
     tokenized, stats = tokenize_pairs(held, tokenizer, cfg.max_length, cfg.max_prompt_length, progress=False)
     if cfg.eval_max_pairs:
         tokenized = tokenized[: cfg.eval_max_pairs]
     if not tokenized:
-        raise UserError(f"{data.source}: no held-out pair survived tokenisation (eval_fraction {cfg.eval_fraction})")
+        raise UserError(f"{data.source}: no held-out pair survived tokenisation ({why})")
     return tokenized, {
         "data": data.source, "held_out": len(held), "evaluated": len(tokenized),
         "dropped": len(stats.dropped_rows), "truncated": stats.truncated,
