@@ -62,6 +62,13 @@ class OrpoConfig:
     prompt_field: str = _f("prompt", "Column holding the prompt (string or list of messages).")
     chosen_field: str = _f("chosen", "Column holding the preferred response or transcript.")
     rejected_field: str = _f("rejected", "Column holding the dispreferred response or transcript.")
+    chat_template: str = _f(
+        "",
+        "Chat format to train and chat in: a built-in template (chatml, llama3, gemma, mistral, phi3, zephyr), "
+        "each with its end-of-turn token, or a jinja file; for a base model without a template, or to replace "
+        "its own. Saved with the adapter's tokenizer files. Empty = the tokenizer's own template.",
+    )
+    system_prompt: str = _f("", "System message given to every prompt that has no system turn (empty = none).")
     strict: bool = _f(False, "Make any bad data row fatal instead of skipping it with a count.")
     eval_fraction: float = _f(
         0.05,

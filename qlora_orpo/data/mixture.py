@@ -81,13 +81,25 @@ class RunData:
 
 
 def load_run_data(cfg: Any) -> RunData:
-    """``cfg.data`` (train) and ``cfg.eval_data`` or the ``eval_fraction`` hash share (held out)."""
+    """``cfg.data`` (train) and ``cfg.eval_data`` or the ``eval_fraction`` hash share (held out),
+    with ``cfg.system_prompt`` given to the prompts without a system turn."""
     data = load_sources(sources_of(cfg), cfg.strict, cfg.seed)
-    if not cfg.eval_data:
-        train, held = split_holdout(data.pairs, cfg.eval_fraction)
-        return RunData(data, train, held, None)
-    eval_data = load_eval_data(cfg)
-    return RunData(data, list(data.pairs), list(eval_data.pairs), eval_data)
+    eval_data = load_eval_data(cfg) if cfg.eval_data else None
+    if eval_data is None:
+        train, held = split_holdout(data.pairs, cfg.eval_fraction)  # before the system prompt: same split
+    else:
+        train, held = list(data.pairs), list(eval_data.pairs)
+    return RunData(data, add_system_prompt(train, cfg.system_prompt), add_system_prompt(held, cfg.system_prompt),
+                   eval_data)
+
+
+def add_system_prompt(pairs: list[PreferencePair], text: str) -> list[PreferencePair]:
+    """``pairs`` with a system turn ``text`` first in every prompt that has none (unchanged for ``""``)."""
+    if not text:
+        return pairs
+    system = {"role": "system", "content": text}
+    return [p if any(m["role"] == "system" for m in p.prompt) else replace(p, prompt=(system, *p.prompt))
+            for p in pairs]
 
 
 def load_eval_data(cfg: Any) -> PreferenceData:

@@ -36,6 +36,7 @@ from ..core.files import atomic_write_text
 from .adapters import (
     CARD_FILE,
     AdapterInfo,
+    adapter_tokenizer_dir,
     load_adapter,
     make_temp_dir,
     parse_card,
@@ -121,7 +122,8 @@ def export_merged(
     base_path = resolve_base(info, base)
     log(f"base {base_path} (float32, CPU); adapter {info.path}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_path)  # saved as it is: no pad token added
+        # The adapter's own tokenizer when it carries a chosen chat template; saved as it is.
+        tokenizer = AutoTokenizer.from_pretrained(adapter_tokenizer_dir(info.path) or base_path)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from exc
     # Merging happens in float32 on the CPU, never into 4-bit weights.

@@ -100,7 +100,7 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
     The first ``count`` held-out pairs of the data recorded in the card (the same hash split
     as training), or fixed conversations when the data cannot be read or nothing was held out.
     """
-    from ..data.templating import has_chat_template, render_prompt
+    from ..data.templating import ChatFormat, fold_system, has_chat_template, render_prompt
 
     training = (info.card or {}).get("qlora_orpo", {}).get("training") or {}
     conversations: list[tuple[list[dict[str, str]], str]] = []
@@ -109,7 +109,7 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
         from types import SimpleNamespace
 
         from ..config.sources import describe_value
-        from ..data.mixture import load_eval_data, load_sources, sources_of
+        from ..data.mixture import add_system_prompt, load_eval_data, load_sources, sources_of
         from ..data.preferences import split_holdout
 
         # The card's recorded fields, read as the run read them (one source or several, or an eval file).
@@ -125,7 +125,8 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
             else:
                 data = load_sources(sources_of(cfg), seed=cfg.seed)
                 held, where = split_holdout(data.pairs, float(training["eval_fraction"]))[1], data.source
-            conversations = [(list(p.prompt), p.chosen) for p in held[:count]]
+            held = add_system_prompt(list(held[:count]), str(training.get("system_prompt") or ""))
+            conversations = [(list(p.prompt), p.chosen) for p in held]
             origin = f"{len(conversations)} held-out pairs of {where}"
         except (UserError, OSError, ValueError) as exc:
             log(f"cannot read the training data ({exc}); using built-in prompts")
@@ -134,6 +135,8 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
     texts = []
     for prompt, response in conversations:
         if has_chat_template(tokenizer):
+            # A template without a system role (Gemma, Mistral) gets it folded, as training did.
+            prompt = fold_system(prompt) if ChatFormat.of(tokenizer).folds_system else prompt
             messages = [*prompt, {"role": "assistant", "content": response}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
         else:

@@ -44,7 +44,7 @@ def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
     loaded = load_run_data(cfg)
     data, train_pairs, eval_pairs = loaded.data, loaded.train, loaded.held_out
     model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
     train_tok, train_stats = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     eval_tok, eval_stats = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     lines = describe_data(data)
@@ -58,7 +58,9 @@ def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
     lines += [
         split,
         f"model:     {model_path}",
-        f"template:  {_describe_template(tokenizer)}",
+        f"template:  {_describe_template(tokenizer)}"
+        + (f" (--chat-template {cfg.chat_template})" if cfg.chat_template else ""),
+        f"system:    {cfg.system_prompt!r} for prompts without a system turn" if cfg.system_prompt else None,
         f"lengths:   max_length={cfg.max_length}, max_prompt_length={cfg.max_prompt_length} (tokens, before truncation)",
         f"  prompt   {_fmt(percentiles(train_stats.prompt_lengths))}",
         f"  pair     {_fmt(percentiles(train_stats.sequence_lengths))}  (prompt + longer response)",
@@ -68,6 +70,7 @@ def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
         if train_stats.system_folded else "system:    kept as the template writes it (or none in the data)",
         f"trainable: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs after tokenisation",
     ]
+    lines = [line for line in lines if line is not None]
     lines += [show_example(tokenizer, pair) for pair in train_tok[:show_examples]]
     lines.append("dry run: nothing trained.")
     print("\n".join(lines))
