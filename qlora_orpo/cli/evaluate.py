@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate on this data instead of a held-out share of --data (every form --data takes)")
     add("--max-pairs", "--eval-max-pairs", dest="eval_max_pairs", type=int,
         help="evaluate at most N pairs (default: every held-out pair, whatever the run capped)")
+    add("--chat-template", dest="chat_template",
+        help="chat template name or jinja file (an adapter trained with --chat-template uses the one it saved)")
+    add("--system-prompt", dest="system_prompt", help="system turn for prompts without one (default: as trained)")
     add("--max-length", dest="max_length", type=int, help="max tokens of prompt + response")
     add("--max-prompt-length", dest="max_prompt_length", type=int, help="max prompt tokens")
     add("--beta", dest="beta", type=float, help="beta of the loss and of the reward margin")

@@ -177,6 +177,11 @@ class OrpoConfig:
         "<run>/tensorboard/), 'wandb' (when installed; offline without WANDB_API_KEY), or a comma list.",
     )
     eval_batch_size: int = _f(4, "Pairs per evaluation batch.")
+    eval_cache: bool = _f(
+        True,
+        "Reuse the base model's held-out scores and health replies from the cache (keyed by the base's "
+        "fingerprint, the held-out pairs and the evaluation settings) instead of recomputing them every run.",
+    )
     export: str = _f(
         "none",
         "After training, write a merged model directory (merged) or one GGUF file with an Ollama Modelfile "
