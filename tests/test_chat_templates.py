@@ -86,9 +86,10 @@ def llama3_base(tmp_path_factory):
     return {"root": root, "model": root / "model", "data": write_jsonl(root / "pairs.jsonl", rows)}
 
 
-def test_train_with_llama3_on_a_base_without_template_then_export_and_chat_use_it(llama3_base, capsys):
+def test_train_with_llama3_on_a_base_without_template_then_export_and_chat_use_it(llama3_base, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
+    import qlora_orpo.data.templating as templating
     from qlora_orpo.export.adapters import read_adapter
     from qlora_orpo.export.gguf import export_gguf
     from qlora_orpo.export.merged import export_merged
@@ -116,6 +117,15 @@ def test_train_with_llama3_on_a_base_without_template_then_export_and_chat_use_i
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in stop_token_ids(tokenizer)
     card = json.dumps(read_adapter(adapter).card)
     assert '"chat_template": "llama3"' in card and '"system_prompt": "Be brief."' in card
+
+    # qlora-orpo eval reads the adapter's tokenizer: the pairs end with <|eot_id|> as in training.
+    seen, tokenize = [], templating.tokenize_pairs
+    monkeypatch.setattr(templating, "tokenize_pairs",
+                        lambda pairs, tok, *a, **k: seen.append(tok) or tokenize(pairs, tok, *a, **k))
+    assert main(["eval", "--adapter", str(adapter), "--eval-data", str(llama3_base["data"]), "--json", "-",
+                 "--no-progress", "--health-prompts", "0", "--quant", "none", "--compute-dtype", "float32"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["chat_template"] == "llama3"
+    assert seen[0].chat_template == TEMPLATES["llama3"].text
 
     gguf = export_gguf(adapter, root / "gguf", "f32")  # the Modelfile speaks the chosen template
     modelfile = (root / "gguf" / "Modelfile").read_text()
