@@ -29,6 +29,21 @@ def seed_everything():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_eval_cache(tmp_path_factory):
+    """Base-model evaluations cached under the session's tmp dir, never in the user's cache
+    (evaluation/base_cache.py); module-scoped fixtures run before the per-test one below."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QLORA_ORPO_EVAL_CACHE", str(tmp_path_factory.mktemp("eval-cache-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def private_eval_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache of base-model evaluations: none reuses another's."""
+    monkeypatch.setenv("QLORA_ORPO_EVAL_CACHE", str(tmp_path_factory.mktemp("eval-cache")))
+
+
 def build_tokenizer(chat_template: bool = True, vocab_size: int = 400):
     """A byte-level BPE tokenizer trained on :data:`CORPUS`, EOS = ``<|im_end|>`` (qlora_orpo.bench.tiny)."""
     return tiny.build_tokenizer(CORPUS, vocab_size=vocab_size, chat_template=chat_template)

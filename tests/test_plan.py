@@ -113,3 +113,15 @@ def test_plan_predicts_the_benchmark_within_30_percent_at_512_tokens():
     measured = row["peak_above_baseline_mib"] * P.MIB
     print(f"plan {predicted.step_bytes / P.MIB:.1f} MiB, benchmark {measured / P.MIB:.1f} MiB")
     assert predicted.step_bytes == pytest.approx(measured, rel=0.30), (predicted.step_bytes / P.MIB, measured / P.MIB)
+
+
+def test_plan_takes_model_as_a_flag_like_every_other_subcommand(llama3_dir, capsys):
+    assert main(["plan", "--model", str(llama3_dir), "--max-length", "2048", "--gpu-memory", "24"]) == 0
+    flag_out = capsys.readouterr().out
+    assert main(["plan", str(llama3_dir), "--max-length", "2048", "--gpu-memory", "24"]) == 0
+    assert capsys.readouterr().out == flag_out and "**9.84**" in flag_out  # the positional alias: same report
+    for argv in (["plan"], ["plan", str(llama3_dir), "--model", str(llama3_dir.parent)]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert "given twice" in capsys.readouterr().err

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="Load the adapter even if the base's fingerprint differs.")
     parser.add_argument("--compare", action="store_true", help="With --adapter: also print the base's reply.")
     parser.add_argument("--prompt", action="append", help="A prompt (repeatable). Default: read stdin lines.")
-    parser.add_argument("--system", help="A system message before each prompt.")
+    parser.add_argument("--system", help="A system message before each prompt (default: the adapter's --system-prompt).")
     parser.add_argument("--quant", choices=("none", "nf4"), default="none", help="Load the base float32 or 4-bit.")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest reply in tokens.")
@@ -59,7 +59,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     torch.manual_seed(args.seed)
     prompts = args.prompt or C.read_prompts(sys.stdin, interactive=sys.stdin.isatty())
-    C.chat(model, tokenizer, prompts, settings, system=args.system, compare=args.compare)
+    system = args.system
+    if system is None and args.adapter:  # the system prompt the adapter was trained with, as its card records
+        from ..export.adapters import read_adapter
+
+        card = read_adapter(args.adapter, require_card=False).card or {}
+        system = (card.get("qlora_orpo", {}).get("training") or {}).get("system_prompt") or None
+    C.chat(model, tokenizer, prompts, settings, system=system, compare=args.compare)
     return 0
 
 

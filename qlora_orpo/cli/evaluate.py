@@ -28,10 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--adapter", default=None, help="adapter directory (a run's adapter/); without it only the base is evaluated")
     add("--model", dest="model", help="base model: 'embedded' or a directory (default: the adapter's base)")
     add("--config", default=None, help="YAML/JSON config file (e.g. a run's config.yaml); flags override it")
-    add("--data", dest="data", help="preference data (as qlora-orpo train --data)")
+    add("--data", dest="data", nargs="+", help="preference data (as qlora-orpo train --data)")
     add("--eval-fraction", dest="eval_fraction", type=float, help="share held out, as in training")
+    add("--eval-data", dest="eval_data", nargs="+",
+        help="evaluate on this data instead of a held-out share of --data (every form --data takes)")
     add("--max-pairs", "--eval-max-pairs", dest="eval_max_pairs", type=int,
         help="evaluate at most N pairs (default: every held-out pair, whatever the run capped)")
+    add("--chat-template", dest="chat_template",
+        help="chat template name or jinja file (an adapter trained with --chat-template uses the one it saved)")
+    add("--system-prompt", dest="system_prompt", help="system turn for prompts without one (default: as trained)")
     add("--max-length", dest="max_length", type=int, help="max tokens of prompt + response")
     add("--max-prompt-length", dest="max_prompt_length", type=int, help="max prompt tokens")
     add("--beta", dest="beta", type=float, help="beta of the loss and of the reward margin")

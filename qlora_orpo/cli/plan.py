@@ -17,7 +17,9 @@ PARSER_KWARGS: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHel
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..models.plan import OVERHEAD
 
-    parser.add_argument("model", help="model directory, its config.json, 'embedded', or a hub id (owner/name)")
+    # --model as train, eval and chat spell it; the positional form stays as an alias.
+    parser.add_argument("model_positional", nargs="?", metavar="MODEL", help="the same as --model")
+    parser.add_argument("--model", help="model directory, its config.json, 'embedded', or a hub id (owner/name)")
     parser.add_argument("--max-length", type=int, default=2048, help="tokens per side (prompt + response)")
     parser.add_argument("--batch-size", type=int, default=1, help="pairs per micro-batch")
     budget = parser.add_mutually_exclusive_group()
@@ -40,6 +42,11 @@ def build_parser(prog: str = "qlora-orpo plan") -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..models.plan import model_shape, read_model_config, render
 
+    if args.model and args.model_positional and args.model != args.model_positional:
+        parser.error(f"the model is given twice: {args.model_positional!r} and --model {args.model!r}")
+    args.model = args.model or args.model_positional
+    if not args.model:
+        parser.error("a model is required: --model DIR (or the positional MODEL)")
     for name in ("max_length", "batch_size", "lora_r", "logits_chunk_size"):
         if getattr(args, name) < (2 if name == "max_length" else 1):
             parser.error(f"--{name.replace('_', '-')}: {getattr(args, name)} is too small")

@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser, dry_run_command: bool = False
                 dest=f.name,
                 type=type(default),
                 choices=f.metadata.get("choices"),
+                nargs=f.metadata.get("nargs"),
                 help=help_text,
                 metavar=f.name.upper() if not f.metadata.get("choices") else None,
             )

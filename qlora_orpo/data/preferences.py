@@ -70,6 +70,7 @@ class SkippedRow:
     row: int
     field: str | None  # the user's column name, or None when the whole row is unusable
     reason: str  # "<category>" or "<category>: <detail>"
+    source: str = ""  # set when the data has several sources, so that a row number names its file
 
     @property
     def category(self) -> str:
@@ -77,7 +78,7 @@ class SkippedRow:
 
     def describe(self) -> str:
         where = f"row {self.row}" if self.field is None else f"row {self.row}, field '{self.field}'"
-        return f"{where}: {self.reason}"
+        return f"{self.source + ', ' if self.source else ''}{where}: {self.reason}"
 
 
 @dataclass
@@ -120,8 +121,10 @@ def load_preferences(
     rejected_field: str = "rejected",
     split: str = "train",
     strict: bool = False,
+    max_rows: int = 0,
 ) -> PreferenceData:
-    """Read every row of ``data`` into preference pairs; bad rows are skipped (or fatal if ``strict``).
+    """Read every row of ``data`` (the first ``max_rows``, if set) into preference pairs; bad rows
+    are skipped (or fatal if ``strict``).
 
     Raises :class:`DataError` when the source cannot be found or read at all, when ``strict`` and a
     row is bad, and when no row survives.
@@ -133,6 +136,8 @@ def load_preferences(
     shape: str | None = None
     total = 0
     for number, row in read_rows(source, split):
+        if max_rows and total >= max_rows:
+            break
         total += 1
         try:
             if isinstance(row, _RowProblem):  # the reader could not even parse this row

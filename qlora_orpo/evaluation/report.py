@@ -51,9 +51,10 @@ def _change(change: dict[str, Any] | None, base: dict[str, Any], adapter: dict[s
 
 def heading(result: dict[str, Any]) -> str:
     settings, pairs = result["settings"], result["pairs"]
+    held = (f"of {pairs['held_out']} in the evaluation data {pairs['data']}" if settings.get("eval_data") else
+            f"of {pairs['held_out']} held out at eval_fraction {settings['eval_fraction']} from {pairs['data']}")
     return (
-        f"Held-out evaluation: {pairs['evaluated']} pairs (of {pairs['held_out']} held out at eval_fraction "
-        f"{settings['eval_fraction']} from {pairs['data']}), max_length {settings['max_length']}, "
+        f"Held-out evaluation: {pairs['evaluated']} pairs ({held}), max_length {settings['max_length']}, "
         f"beta {settings['beta']}, NLL over {'prompt + response' if settings['nll_over_prompt'] else 'response'}, "
         f"{'unquantised' if settings['quant'] == 'none' else settings['quant']} base."
     )

@@ -28,6 +28,7 @@ from ..config import OrpoConfig, row_tokens
 from ..core.files import atomic_write_text
 from ..data.collate import TokenizedPair
 from ..training.metrics import MetricsLogger
+from . import base_cache
 from .health import HealthResult, generation_health, select_prompts, side_by_side
 from .report import markdown_report
 from .scoring import EVAL_FIELDS, PairScores, compare_scores, score_pairs, summarise_scores
@@ -57,6 +58,7 @@ class RunEvaluator:
         )
         self.base_scores: PairScores | None = None
         self.base_health: HealthResult | None = None
+        self.cache_key: str | None = None
         self.best = BestCheckpoint(run_dir, resumed_step) if cfg.select_best and self.pairs else None
 
     # -- measurements ------------------------------------------------------------------------
@@ -79,14 +81,42 @@ class RunEvaluator:
                                      self.cfg.eval_batch_size, synced=self.sharded is not None)
 
     def _base(self) -> tuple[PairScores, HealthResult | None]:
-        """The base's scores and health: remembered from ``before``, else measured with the adapter off."""
+        """The base's scores and health: remembered from ``before`` or cached, else measured with the adapter off."""
+        if self.base_scores is None and self._from_cache():
+            return self.base_scores, self.base_health
         if self.base_scores is None or (self.prompts and self.base_health is None):
             with self.model.disable_adapter():
                 if self.base_scores is None:
                     self.base_scores = self._scores()
                 if self.prompts and self.base_health is None:
                     self.base_health = self._health()
+            self._to_cache()
         return self.base_scores, self.base_health
+
+    # -- the base's evaluation cache (base_cache.py) --------------------------------------------
+    def _caches(self) -> bool:
+        # FSDP2: every rank must run the same forwards in step, so no rank may skip them alone.
+        return bool(getattr(self.cfg, "eval_cache", False)) and self.sharded is None and bool(self.pairs)
+
+    def _from_cache(self) -> bool:
+        """Fill the base's scores and health from the cache; True on a hit (and it says so)."""
+        if not self._caches():
+            return False
+        self.cache_key = base_cache.cache_key(self.model, self.tokenizer, self.cfg, self.pairs, self.prompts,
+                                              self.device)
+        hit = base_cache.load(self.cache_key)
+        if hit is None or len(hit[0].chosen_logps) != len(self.pairs) or (self.prompts and hit[1] is None):
+            return False
+        self.base_scores, self.base_health = hit[0], hit[1] if self.prompts else None
+        self.log(f"eval: the base's scores on {len(self.pairs)} held-out pairs"
+                 f"{' and its health replies' if self.base_health else ''} come from the cache "
+                 f"({base_cache.cache_dir() / self.cache_key[:16]}...); --no-eval-cache recomputes them")
+        return True
+
+    def _to_cache(self) -> None:
+        if self._caches() and self.writes and self.cache_key is not None and self.base_scores is not None:
+            if base_cache.store(self.cache_key, self.base_scores, self.base_health) is None:
+                self.log(f"eval: could not write the base's evaluation to {base_cache.cache_dir()}; not cached")
 
     def _record(self, tag: str, step: int, metrics: dict[str, float], health: HealthResult | None,
                 **extra: Any) -> None:
@@ -106,8 +136,10 @@ class RunEvaluator:
         """Evaluate the untrained model (= the base) and remember its per-pair scores and health."""
         if not self.pairs:
             return None
-        self.base_scores = self._scores()
-        self.base_health = self._health()
+        if not self._from_cache():
+            self.base_scores = self._scores()
+            self.base_health = self._health()
+            self._to_cache()
         metrics = summarise_scores(self.base_scores, self.cfg.beta)
         self._record("before", step, metrics, self.base_health)
         return metrics

@@ -5,6 +5,7 @@ Layout of an adapter directory::
     adapter_config.json          peft's config; ``base_model_name_or_path`` is the hub id where one is known
     adapter_model.safetensors    the LoRA tensors (peft's names)
     README.md                    the card: YAML front matter (hub metadata + ``qlora_orpo:``) and a short text
+    tokenizer files              only with ``--chat-template``: the base's tokenizer with the chosen template
 
 Any peft release can load the folder (``PeftModel.from_pretrained(base, dir)``); the card is
 what lets :func:`load_adapter` refuse a base the adapter was not trained on. Its front matter
@@ -50,6 +51,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
 LOCAL_SUFFIX = ".local.json"  # <adapter dir><this>: the local paths trained from (card.local_paths)
+TOKENIZER_FILE = "tokenizer_config.json"  # present when the run chose a chat template (--chat-template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +211,9 @@ def save_adapter(
         if base_name:  # peft wrote the local path it was loaded from
             peft_config["base_model_name_or_path"] = base_name
         atomic_write_text(config_path, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        if cfg is not None and cfg.chat_template:
+            # The chosen template travels with the adapter: chat, eval and export read it from here.
+            tokenizer.save_pretrained(str(tmp))
         atomic_write_text(tmp / CARD_FILE, render_card(meta))  # replaces peft's generic card
         replace_dir(tmp, target)
         atomic_write_text(local_record_path(target), json.dumps(local_paths(model, cfg, data), indent=2) + "\n")
@@ -216,6 +221,12 @@ def save_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def adapter_tokenizer_dir(adapter_dir: str | Path) -> Path | None:
+    """``adapter_dir`` when it holds the tokenizer saved with a chosen chat template, else None (use the base's)."""
+    path = Path(adapter_dir)
+    return path if (path / TOKENIZER_FILE).is_file() else None
 
 
 def make_temp_dir(target: Path) -> Path:

@@ -53,7 +53,7 @@ def render_card(meta: dict[str, Any]) -> str:
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         "",
-        f"# ORPO LoRA adapter for {name}",
+        f"# ORPO {METHOD_NAMES[(ours.get('adapter') or {}).get('method', 'lora')]} adapter for {name}",
         "",
         f"Trained with `qlora_orpo` (ORPO on a 4-bit base with LoRA) on {base.get('model')!r}.",
     ]
@@ -140,6 +140,17 @@ def public_name(value: str | None) -> str | None:
     return value
 
 
+def public_tree(value: Any) -> Any:
+    """:func:`public_name` of every string in a config value (``data`` may be a list of source mappings)."""
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, list):
+        return [public_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {k: public_tree(v) for k, v in value.items()}
+    return value
+
+
 def file_sha256(path: str | None) -> str | None:
     """The sha256 of a data file (None for a dataset name or a directory): names the data without its path."""
     if not path or not Path(path).is_file():
@@ -156,7 +167,8 @@ def local_paths(model: torch.nn.Module, cfg: OrpoConfig | None, data: Preference
     ``--model`` and ``--data`` values as given (paths included)."""
     return {
         "base": {"path": _base_local_path(model), "model": cfg.model if cfg is not None else None},
-        "data": {"path": str(data.source) if data is not None else None, "data": cfg.data if cfg is not None else None},
+        "data": {"path": str(data.source) if data is not None else None, "data": cfg.data if cfg is not None else None,
+                 "eval_data": cfg.eval_data if cfg is not None else None},
     }
 
 
@@ -211,7 +223,10 @@ def card_metadata(
             ours["data"]["hub_dataset"] = f"{EMBEDDED_DATA_HUB_ID} (harmless-base, test split)"
             hub_datasets.append(EMBEDDED_DATA_HUB_ID)
     if cfg is not None:
-        ours["training"] = {k: public_name(v) if isinstance(v, str) else v for k, v in cfg.to_dict().items()}
+        ours["training"] = public_tree(cfg.to_dict())
+    method = adapter_method(model)
+    if method is not None:
+        ours["adapter"] = method
     ours["metrics"] = {k: _plain(v) for k, v in metrics.items()} if metrics else None
     if evaluation:
         ours["evaluation"] = _plain_tree(_card_evaluation(evaluation))
@@ -223,11 +238,30 @@ def card_metadata(
         meta["base_model"] = hub_id
     meta["library_name"] = "peft"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["lora", "orpo", "qlora_orpo"]
+    meta["tags"] = ["lora", "orpo", "qlora_orpo", *(["dora"] if method and method["method"] == "dora" else [])]
     if hub_datasets:
         meta["datasets"] = hub_datasets
     meta["qlora_orpo"] = ours
     return meta
+
+
+def adapter_method(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The adapter's kind as peft built it: ``{method: lora|rslora|dora, r, alpha, scaling}``, None without peft.
+
+    Read from the model's peft config rather than the run config, so that an adapter saved
+    from any source records what its weights mean (rsLoRA's scale is alpha / sqrt(r)).
+    """
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    r, alpha = int(config.r), int(config.lora_alpha)
+    rslora = bool(getattr(config, "use_rslora", False))
+    dora = bool(getattr(config, "use_dora", False))
+    return {"method": "dora" if dora else "rslora" if rslora else "lora", "rslora": rslora, "r": r, "alpha": alpha,
+            "scaling": alpha / (r ** 0.5 if rslora else r)}
+
+
+METHOD_NAMES = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA"}
 
 
 def _card_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:

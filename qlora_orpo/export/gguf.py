@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..core.files import atomic_write_text
-from .adapters import load_adapter, read_adapter, resolve_base
+from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, build_vocab, render_modelfile, write_vocab
 from .merged import log
@@ -237,7 +237,7 @@ def export_gguf(
     try:
         config = AutoConfig.from_pretrained(base_path)
         arch = gguf_arch(config, f"base {base_path}")  # refuse before loading weights
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_tokenizer_dir(info.path) or base_path)  # its template
         vocab = build_vocab(tokenizer, config.vocab_size)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
@@ -270,7 +270,8 @@ def export_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn))
+    system = ((info.card or {}).get("qlora_orpo", {}).get("training") or {}).get("system_prompt") or None
+    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system))
     result = GGUFExportResult(path=str(out), modelfile=str(modelfile), quant=quant, bytes=size,
                               seconds=time.perf_counter() - start, end_of_turn=vocab.end_of_turn, check=check)
     verdict = "not verified"

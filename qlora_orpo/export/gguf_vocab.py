@@ -237,8 +237,11 @@ def go_template(pieces: dict[str, Any]) -> str:
     return f"{pieces['start']}{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{pieces['generation']}"
 
 
-def render_modelfile(gguf_name: str, tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None) -> str:
+def render_modelfile(gguf_name: str, tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None,
+                     system: str | None = None) -> str:
     """The Modelfile text: FROM the GGUF beside it, TEMPLATE (when derivable), SYSTEM default, stop tokens.
+
+    ``system``: the run's ``--system-prompt``, which replaces the template's own default system message.
 
     The stop tokens are the end-of-turn token and EOS: llama.cpp stops at EOS, but a chat
     template closes each turn with its own token, which Ollama must be told about.
@@ -249,8 +252,9 @@ def render_modelfile(gguf_name: str, tokenizer: PreTrainedTokenizerBase, end_of_
     template = go_template(pieces) if pieces else None
     if template and '"""' not in template and "{{" not in "".join(v for w in pieces["wrap"].values() for v in w):
         lines.append(f'TEMPLATE """{template}"""')
-        if pieces["default_system"] is not None and '"""' not in pieces["default_system"]:
-            lines.append(f'SYSTEM """{pieces["default_system"]}"""')
+        default = system or pieces["default_system"]
+        if default is not None and '"""' not in default:
+            lines.append(f'SYSTEM """{default}"""')
     else:
         lines.append("# The chat template is not plain text around each message; no TEMPLATE could be derived.")
         lines.append("# The GGUF holds the jinja template (tokenizer.chat_template) for llama.cpp.")

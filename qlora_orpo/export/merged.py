@@ -36,6 +36,7 @@ from ..core.files import atomic_write_text
 from .adapters import (
     CARD_FILE,
     AdapterInfo,
+    adapter_tokenizer_dir,
     load_adapter,
     make_temp_dir,
     parse_card,
@@ -121,7 +122,8 @@ def export_merged(
     base_path = resolve_base(info, base)
     log(f"base {base_path} (float32, CPU); adapter {info.path}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_path)  # saved as it is: no pad token added
+        # The adapter's own tokenizer when it carries a chosen chat template; saved as it is.
+        tokenizer = AutoTokenizer.from_pretrained(adapter_tokenizer_dir(info.path) or base_path)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from exc
     # Merging happens in float32 on the CPU, never into 4-bit weights.
@@ -248,10 +250,13 @@ def _render_export_card(meta: dict[str, Any]) -> str:
     import yaml
 
     export = meta["qlora_orpo"]["export"]
+    from .card import METHOD_NAMES
+
     name = meta["qlora_orpo"]["base"].get("name") or export["base_path"]
+    method = METHOD_NAMES.get((meta["qlora_orpo"].get("adapter") or {}).get("method", "lora"), "LoRA")
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-        f"# {name} + ORPO LoRA adapter, merged ({export['dtype']})", "",
+        f"# {name} + ORPO {method} adapter, merged ({export['dtype']})", "",
         f"The adapter {export['adapter']} merged into {export['base_path']} in float32, stored as "
         f"{export['dtype']}. A plain transformers model: `AutoModelForCausalLM.from_pretrained(<this directory>)`.",
     ]

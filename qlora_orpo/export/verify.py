@@ -102,29 +102,44 @@ def verification_texts(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase, co
     """
     from ..data.templating import ChatFormat, render_conversation
     from .adapters import local_record
-    from .card import public_name
+    from .card import public_tree
 
     training = (info.card or {}).get("qlora_orpo", {}).get("training") or {}
-    # The card names the data without its path; the local record beside the adapter has it.
+    # The card names the data without its path; the local record beside the adapter has it
     # (only where the card's name is that path's: a card edited to name other data wins).
-    local_data = (local_record(info.path).get("data") or {}).get("data")
-    data_path = local_data if local_data and public_name(local_data) == training.get("data") else training.get("data")
+    local = local_record(info.path).get("data") or {}
+
+    def recorded(field: str):
+        value = local.get(field)
+        return value if value and public_tree(value) == training.get(field) else training.get(field)
+
+    data_value, eval_value = recorded("data"), recorded("eval_data")
     conversations: list[tuple[list[dict[str, str]], str]] = []
     origin = "built-in prompts"
-    if data_path and float(training.get("eval_fraction", 0.0)) > 0:
-        from ..data.preferences import load_preferences, split_holdout
+    if data_value and (eval_value or float(training.get("eval_fraction", 0.0)) > 0):
+        from types import SimpleNamespace
 
+        from ..config.sources import describe_value
+        from ..data.mixture import add_system_prompt, load_eval_data, load_sources, sources_of
+        from ..data.preferences import split_holdout
+
+        # The card's recorded fields, read as the run read them (one source or several, or an eval file).
+        cfg = SimpleNamespace(
+            data=data_value, eval_data=eval_value or "", strict=False,
+            prompt_field=training.get("prompt_field", "prompt"), chosen_field=training.get("chosen_field", "chosen"),
+            rejected_field=training.get("rejected_field", "rejected"), data_split=training.get("data_split", "train"),
+            seed=int(training.get("seed", 0)),
+        )
         try:
-            data = load_preferences(
-                data_path,
-                prompt_field=training.get("prompt_field", "prompt"),
-                chosen_field=training.get("chosen_field", "chosen"),
-                rejected_field=training.get("rejected_field", "rejected"),
-                split=training.get("data_split", "train"),
-            )
-            _, held = split_holdout(data.pairs, float(training["eval_fraction"]))
-            conversations = [(list(p.prompt), p.chosen) for p in held[:count]]
-            origin = f"{len(conversations)} held-out pairs of {training['data']}"  # the card's name for it
+            if cfg.eval_data:
+                held, where = load_eval_data(cfg).pairs, describe_value(training.get("eval_data"))
+            else:
+                data = load_sources(sources_of(cfg), seed=cfg.seed)
+                held = split_holdout(data.pairs, float(training["eval_fraction"]))[1]
+                where = describe_value(training["data"])  # the card's name for it
+            held = add_system_prompt(list(held[:count]), str(training.get("system_prompt") or ""))
+            conversations = [(list(p.prompt), p.chosen) for p in held]
+            origin = f"{len(conversations)} held-out pairs of {where}"
         except (UserError, OSError, ValueError) as exc:
             log(f"cannot read the training data ({exc}); using built-in prompts")
     if not conversations:

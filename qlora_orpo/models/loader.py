@@ -191,9 +191,15 @@ def device_map(device: torch.device) -> dict[str, int | str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The model's tokenizer; it must have an EOS token, which also pads when there is no pad token."""
+def load_tokenizer(path: str | Path, chat_template: str = "") -> PreTrainedTokenizerBase:
+    """The model's tokenizer; it must have an EOS token, which also pads when there is no pad token.
+
+    ``chat_template``: a built-in template's name or a jinja file to use instead of the tokenizer's
+    own (``data/chat_templates.py``); empty keeps the tokenizer's.
+    """
     from transformers import AutoTokenizer
+
+    from ..data.chat_templates import apply_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -204,6 +210,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         # Padding positions are masked out of every loss, so any token id works; EOS is always there.
         tokenizer.pad_token = tokenizer.eos_token
+    apply_chat_template(tokenizer, chat_template, f"model {path}")
     return tokenizer
 
 
@@ -286,7 +293,7 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
     path = resolve_model_path(cfg.model)
     device = select_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cfg.chat_template)
     # Sharded (FSDP2) runs store the packed 4-bit weights in the compute dtype (peft's FSDP-QLoRA recipe).
     quant_storage = compute_dtype if sharding_from_env() == "fsdp2" else None
     model = load_base(path, cfg.quant, device, compute_dtype, name=cfg.model, quant_storage=quant_storage)
@@ -305,6 +312,8 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )

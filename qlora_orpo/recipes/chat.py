@@ -63,7 +63,7 @@ def load_for_chat(
     (float32) or ``"nf4"``. The adapter's fingerprint check applies; ``force`` skips it with
     a warning. Returns a peft model for an adapter (``disable_adapter()`` gives the base).
     """
-    from ..export.adapters import load_adapter, read_adapter, resolve_base
+    from ..export.adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
     from ..models.loader import (
         load_base,
         load_tokenizer,
@@ -82,7 +82,8 @@ def load_for_chat(
     else:
         path = resolve_model_path(model)
     target = select_device(device)
-    tokenizer = load_tokenizer(path)
+    # An adapter trained with --chat-template carries its tokenizer (and template): chat in that format.
+    tokenizer = load_tokenizer((adapter is not None and adapter_tokenizer_dir(adapter)) or path)
     # Unquantised: float32 (simplest, fast enough for small models on a CPU). 4-bit: the
     # same layers as training; embeddings stay float32 on the CPU, so the fingerprint matches.
     compute = resolve_compute_dtype("auto", target) if quant == "nf4" else torch.float32

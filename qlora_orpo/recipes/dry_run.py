@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..config import OrpoConfig
-from ..data.preferences import PreferenceData, load_from_config, split_holdout
+from ..data.mixture import describe_shared, load_run_data, parts_of, shared_pairs
+from ..data.preferences import PreferenceData
 from ..data.templating import ChatFormat, has_chat_template, show_example, tokenize_pairs
 
 
@@ -19,12 +20,17 @@ def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99, 100)) 
     return out
 
 
-def describe_data(data: PreferenceData) -> list[str]:
+def describe_data(data: PreferenceData, label: str = "data") -> list[str]:
     lines = [
-        f"data:      {data.source}",
+        f"{label + ':':<10} {data.source}",
         f"shape:     {data.shape} (detected)",
         f"rows:      {data.total_rows} read, {len(data.pairs)} pairs kept, {len(data.skipped)} skipped",
     ]
+    parts = parts_of(data)
+    if len(parts) > 1:  # several sources: each one's own count and shape, shuffled together by seed
+        for part in parts:
+            lines.append(f"  source   {part.source}: {part.shape}, {part.total_rows} rows read, "
+                         f"{len(part.pairs)} pairs kept, {len(part.skipped)} skipped")
     for reason, count in sorted(data.skip_reasons().items(), key=lambda kv: -kv[1]):
         lines.append(f"  skipped  {count:>5} x {reason}")
     for line in data.describe_skipped(limit=5):
@@ -35,17 +41,26 @@ def describe_data(data: PreferenceData) -> list[str]:
 def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
     from ..models.loader import load_tokenizer, resolve_model_path
 
-    data = load_from_config(cfg)
-    train_pairs, eval_pairs = split_holdout(data.pairs, cfg.eval_fraction)
+    loaded = load_run_data(cfg)
+    data, train_pairs, eval_pairs = loaded.data, loaded.train, loaded.held_out
     model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
     train_tok, train_stats = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     eval_tok, eval_stats = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     lines = describe_data(data)
+    if loaded.eval_data is not None:
+        lines += describe_data(loaded.eval_data, "eval data")
+        split = f"split:     {len(train_pairs)} train (all of data) / {len(eval_pairs)} held out (all of eval data)"
+        if warning := describe_shared(shared_pairs(train_pairs, eval_pairs)):
+            split += "\n" + warning
+    else:
+        split = f"split:     {len(train_pairs)} train / {len(eval_pairs)} held out (eval_fraction={cfg.eval_fraction})"
     lines += [
-        f"split:     {len(train_pairs)} train / {len(eval_pairs)} held out (eval_fraction={cfg.eval_fraction})",
+        split,
         f"model:     {model_path}",
-        f"template:  {_describe_template(tokenizer)}",
+        f"template:  {_describe_template(tokenizer)}"
+        + (f" (--chat-template {cfg.chat_template})" if cfg.chat_template else ""),
+        f"system:    {cfg.system_prompt!r} for prompts without a system turn" if cfg.system_prompt else None,
         f"lengths:   max_length={cfg.max_length}, max_prompt_length={cfg.max_prompt_length} (tokens, before truncation)",
         f"  prompt   {_fmt(percentiles(train_stats.prompt_lengths))}",
         f"  pair     {_fmt(percentiles(train_stats.sequence_lengths))}  (prompt + longer response)",
@@ -55,6 +70,7 @@ def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
         if train_stats.system_folded else "system:    kept as the template writes it (or none in the data)",
         f"trainable: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs after tokenisation",
     ]
+    lines = [line for line in lines if line is not None]
     lines += [show_example(tokenizer, pair) for pair in train_tok[:show_examples]]
     lines.append("dry run: nothing trained.")
     print("\n".join(lines))

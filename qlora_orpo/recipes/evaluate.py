@@ -25,12 +25,13 @@ from ..data.collate import TokenizedPair
 from ..evaluation.scoring import EVAL_FIELDS, evaluate_base_and_adapter
 
 
-def load_base_for_evaluation(cfg: OrpoConfig):
+def load_base_for_evaluation(cfg: OrpoConfig, tokenizer_dir: str | Path | None = None):
     """``(model, tokenizer, device)``: the base as ``model.load_model_for_training`` loads it, for inference.
 
     The same loader (``model.load_base``: quantisation, compute dtype, the bitsandbytes CPU
     work-around) as training, so the numbers equal those of the training run's own
-    evaluations; no LoRA, no gradient checkpointing.
+    evaluations; no LoRA, no gradient checkpointing. ``tokenizer_dir``: where to read the tokenizer
+    instead (an adapter's, saved with its chat template), else the base's with ``cfg.chat_template``.
     """
     from ..models.loader import (
         load_base,
@@ -42,7 +43,7 @@ def load_base_for_evaluation(cfg: OrpoConfig):
 
     path = resolve_model_path(cfg.model)
     device = select_device(cfg.device)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else load_tokenizer(path, cfg.chat_template)
     model = load_base(path, cfg.quant, device, resolve_compute_dtype(cfg.compute_dtype, device), name=cfg.model)
     return model, tokenizer, device
 
@@ -55,19 +56,27 @@ def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: 
 
 
 def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any], list[Any]]:
-    """The pairs ``train.run`` evaluates on, tokenised; a description of where they came from; the untokenised held-out pairs."""
-    from ..data.preferences import load_from_config, split_holdout
+    """The pairs ``train.run`` evaluates on (the ``eval_data`` file's, else the hash share of ``data``), tokenised;
+    a description of where they came from; the untokenised held-out pairs."""
+    from ..data.mixture import add_system_prompt, load_eval_data, load_sources, sources_of
+    from ..data.preferences import split_holdout
     from ..data.templating import tokenize_pairs
 
-    if cfg.eval_fraction <= 0:
-        raise UserError("eval_fraction: 0 holds nothing out, so there is nothing to evaluate")
-    data = load_from_config(cfg)
-    _, held = split_holdout(data.pairs, cfg.eval_fraction)
+    if cfg.eval_data:  # an evaluation file: all of it, the training data is not read
+        data = load_eval_data(cfg)
+        held, why = list(data.pairs), "the evaluation data"
+    else:
+        if cfg.eval_fraction <= 0:
+            raise UserError("eval_fraction: 0 holds nothing out, so there is nothing to evaluate (or give --eval-data)")
+        data = load_sources(sources_of(cfg), cfg.strict, cfg.seed)
+        _, held = split_holdout(data.pairs, cfg.eval_fraction)
+        why = f"eval_fraction {cfg.eval_fraction}"
+    held = add_system_prompt(held, cfg.system_prompt)
     tokenized, stats = tokenize_pairs(held, tokenizer, cfg.max_length, cfg.max_prompt_length, progress=False)
     if cfg.eval_max_pairs:
         tokenized = tokenized[: cfg.eval_max_pairs]
     if not tokenized:
-        raise UserError(f"{data.source}: no held-out pair survived tokenisation (eval_fraction {cfg.eval_fraction})")
+        raise UserError(f"{data.source}: no held-out pair survived tokenisation ({why})")
     return tokenized, {
         "data": data.source, "held_out": len(held), "evaluated": len(tokenized),
         "dropped": len(stats.dropped_rows), "truncated": stats.truncated,
@@ -84,8 +93,10 @@ def run_evaluation(
     base's alone) is None when ``cfg.health_prompts`` is 0.
     """
     from ..evaluation.health import generation_health, health_side_by_side, select_prompts
+    from ..export.adapters import adapter_tokenizer_dir
 
-    model, tokenizer, device = load_base_for_evaluation(cfg)
+    tokenizer_dir = adapter_tokenizer_dir(adapter) if adapter is not None else None
+    model, tokenizer, device = load_base_for_evaluation(cfg, tokenizer_dir)
     if adapter is not None:
         model = attach_adapter(model, tokenizer, adapter, force=force)
         model.eval()

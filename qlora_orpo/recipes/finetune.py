@@ -28,7 +28,8 @@ from ..config import OrpoConfig
 from ..core.errors import UserError
 from ..core.runlock import RunLock
 from ..data.collate import TokenizedPair
-from ..data.preferences import PreferenceData, load_from_config, split_holdout
+from ..data.mixture import describe_shared, held_out_source, load_run_data, shared_pairs
+from ..data.preferences import PreferenceData
 from ..data.sampling import micro_batches
 from ..data.templating import tokenize_pairs
 from ..evaluation.run_evaluator import RunEvaluator
@@ -108,7 +109,7 @@ def _finetune(
     # Under DDP the weights are equal on every rank and rank 0 alone evaluates; under FSDP2 all do.
     evaluates = dist.is_main or trainer.sharded is not None
     evaluator = RunEvaluator(model, tokenizer, cfg, eval_tok if evaluates else [], eval_pairs, info.device, run_dir,
-                             metrics_log, log, source=str(data.source), resumed_step=step, sharded=trainer.sharded,
+                             metrics_log, log, source=held_out_source(cfg, data), resumed_step=step, sharded=trainer.sharded,
                              writes=dist.is_main)
     before = evaluator.before(step) if step == 0 and evaluates else None
     batches = micro_batches(
@@ -195,12 +196,17 @@ def given_fields(cfg: OrpoConfig) -> dict[str, Any]:
 
 
 def load_data(cfg: OrpoConfig) -> tuple[PreferenceData, list, list]:
-    """The preference data, and its train and held-out shares."""
-    data = load_from_config(cfg)
-    train_pairs, eval_pairs = split_holdout(data.pairs, cfg.eval_fraction)
+    """The preference data, and its train and held-out pairs (a hash share, or all of ``eval_data``)."""
+    loaded = load_run_data(cfg)
+    data, train_pairs, eval_pairs = loaded.data, loaded.train, loaded.held_out
     log(f"data: {data.source} ({data.shape}): {len(data.pairs)} pairs, {len(data.skipped)} rows skipped")
     for reason, count in data.skip_reasons().items():
         log(f"  skipped {count} x {reason}")
+    if loaded.eval_data is not None:
+        log(f"eval data: {loaded.eval_data.source} ({loaded.eval_data.shape}): {len(eval_pairs)} pairs, "
+            f"{len(loaded.eval_data.skipped)} rows skipped; held out instead of eval_fraction, trains on all of data")
+        if warning := describe_shared(shared_pairs(train_pairs, eval_pairs)):
+            log(warning)
     return data, train_pairs, eval_pairs
 
 

@@ -29,6 +29,7 @@ from ..data.collate import TokenizedPair
 # max_steps and epochs change the total and therefore the LR schedule's remaining decay.
 RESUMABLE_FIELDS = (
     "max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit", "report_to", "export",
+    "eval_cache",
 )
 # Fields that name where the run is, not what it does.
 LOCATION_FIELDS = ("output_dir", "run_name")
