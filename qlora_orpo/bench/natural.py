@@ -8,8 +8,9 @@ transformers + bitsandbytes, its peft wrapping, its collator and loop), and our
 ``recipes.finetune.run`` in each ``--step`` mode. Same base, same 4-bit quantisation and
 compute dtype, LoRA r=16 / alpha 32 on every linear layer, the same effective batch.
 
-Each configuration runs in a fresh process (``python -m qlora_orpo.bench.natural '<json>'``)
-and prints one JSON line: the seconds of each optimizer step (from the step's end to the
+Each configuration runs in a fresh process (``python -m qlora_orpo.bench.natural '<json>'``;
+ours under the CPU allocator ``qlora-orpo train`` preloads by default, TRL's as its users run
+it) and prints one JSON line: the seconds of each optimizer step (from the step's end to the
 next one's; the first step, with its one-off kernel set-up, is reported apart), tokens per
 second and the process's peak RSS.
 """
@@ -184,4 +185,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
+    if json.loads(sys.argv[1])["method"] != PEER:
+        # As `qlora-orpo train` runs: under the allocator its default policy preloads (mimalloc
+        # from the cmeel-mimalloc wheel here). TRL's trainer runs as its users run it.
+        from ..models.memory import reexec_with_allocator
+
+        reexec_with_allocator(OrpoConfig.cpu_allocator, ["-m", "qlora_orpo.bench.natural", *sys.argv[1:]])
     sys.exit(worker_main(sys.argv[1]))
