@@ -91,5 +91,9 @@ def test_cli_list_and_yaml_mappings_reach_the_dry_run_which_names_each_source(fi
                  "--eval-fraction", "0"]) == 0
     recorded = yaml.safe_load((files["root"] / "runs" / "t" / "config.yaml").read_text())
     assert recorded["data"][1]["prompt_field"] == "question"  # the resolved config keeps the mapping
-    card = (files["root"] / "runs" / "t" / "adapter" / "README.md").read_text()
-    assert json.dumps(str(files["second"]))[1:-1] in card
+    adapter = files["root"] / "runs" / "t" / "adapter"
+    card = (adapter / "README.md").read_text()
+    # The card names each source by its file name; the local path stays in the record beside it.
+    assert "second.jsonl" in card and str(files["root"]) not in card
+    local = json.loads(adapter.with_name("adapter.local.json").read_text())
+    assert local["data"]["data"][1]["path"] == str(files["second"])

@@ -210,7 +210,7 @@ def card_metadata(
     if data is not None:
         name = cfg.data if cfg is not None else data.source
         ours["data"] = {
-            "name": public_name(name),
+            "name": public_tree(name),
             "source": public_name(str(data.source)),
             "shape": data.shape,
             "rows": int(data.total_rows),

@@ -156,12 +156,12 @@ def _adapter_training_config(adapter: Path) -> dict[str, Any]:
     # The card names the base and the data without their local paths; the record beside the
     # adapter (export/adapters.local_record) has them on the machine that trained it.
     from ..export.adapters import local_record
-    from ..export.card import public_name
+    from ..export.card import public_tree
 
     local = local_record(adapter)
-    for field, part in (("model", "base"), ("data", "data")):
+    for field, part in (("model", "base"), ("data", "data"), ("eval_data", "data")):
         given = (local.get(part) or {}).get(field)
-        if values and given and public_name(given) == values.get(field):  # the card names this one
+        if values and given and public_tree(given) == values.get(field):  # the card names this one
             values[field] = given
     # The device is this machine's business, not the training machine's; and every held-out
     # pair is evaluated unless --max-pairs says otherwise (older runs capped theirs at 64).
