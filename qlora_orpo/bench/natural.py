@@ -75,8 +75,9 @@ def count_tokens(spec: NaturalSpec, data_file: Path) -> int:
     from ..models.loader import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(spec.model))
-    pairs, _ = tokenize_pairs(load_preferences(str(data_file)).pairs, tokenizer, spec.max_length,
-                              OrpoConfig.max_prompt_length, progress=False)
+    cfg = OrpoConfig(max_length=spec.max_length)  # its max_prompt_length resolved as the runs resolve it
+    pairs, _ = tokenize_pairs(load_preferences(str(data_file)).pairs, tokenizer, cfg.max_length,
+                              cfg.max_prompt_length, progress=False)
     return sum(p.num_tokens for p in pairs)
 
 
