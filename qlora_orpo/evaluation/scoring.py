@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from ..data.collate import SideBatch, TokenizedPair, collate_pairs
 from ..data.packing import SharedBatch, pack_shared
 from ..training.loss import log_odds
-from ..training.shared import shared_logps
-from ..training.step import forward_logps
+from ..training.step import SideForward
 from .stats import paired_bootstrap, wilson_interval
 
 
@@ -67,14 +66,7 @@ def score_pairs(
     ``shared``: each batch in the prompt-shared layout (``data/packing.py``, rows of up to
     ``pack_tokens``), one forward per batch instead of two: the same scores, the prompt run once.
     """
-
-    def plain(side: SideBatch | SharedBatch) -> tuple[torch.Tensor, ...]:
-        if isinstance(side, SharedBatch):
-            return shared_logps(model, side, chunk_size, nll_over_prompt)
-        out = forward_logps(model, side, chunk_size, nll_over_prompt)
-        return out.logps, out.nll
-
-    forward = plain if forward is None else forward
+    forward = SideForward(model, chunk_size, nll_over_prompt) if forward is None else forward
     was_training = model.training
     model.eval()  # dropout off; models/loader.py has disabled bitsandbytes' CPU repacking
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),

@@ -28,16 +28,21 @@ from .head import OutputHead, scored_logps
 
 def allowed_attention(batch: SharedBatch, window: int | None = None) -> torch.Tensor:
     """``(rows, 1, width, width)`` bool: may query i attend to key j. Padding attends to itself only."""
-    segment, span, position = batch.segment, batch.span, batch.position_ids
+    segment, span = batch.segment, batch.span
     width = segment.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
     same_pair = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
     rejected_sees_chosen = (span[:, :, None] == REJECTED) & (span[:, None, :] == CHOSEN)
-    allowed = same_pair & causal & ~rejected_sees_chosen
-    if window is not None:
-        allowed &= (position[:, :, None] - position[:, None, :]) < window
     padding = (segment < 0)[:, :, None] & torch.eye(width, dtype=torch.bool, device=segment.device)
-    return (allowed | padding)[:, None]
+    allowed = ((same_pair & causal & ~rejected_sees_chosen) | padding)[:, None]
+    return allowed if window is None else within_window(allowed, batch, window)
+
+
+def within_window(allowed: torch.Tensor, batch: SharedBatch, window: int) -> torch.Tensor:
+    """``allowed`` cut to keys fewer than ``window`` positions back (positions in the pair's own
+    sequence, not packed offsets); a padding token's own position stays, so no row empties."""
+    position = batch.position_ids
+    return allowed & ((position[:, :, None] - position[:, None, :]) < window)[:, None]
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,16 +71,15 @@ def attention_mask_for(decoder: nn.Module, batch: SharedBatch, dtype: torch.dtyp
         return allowed if config._attn_implementation == "sdpa" else additive(allowed, dtype)
 
     window = getattr(config, "sliding_window", None)
-    full = form(allowed_attention(batch))
+    allowed = allowed_attention(batch)  # built once; the windowed mask is cut from it
+    full = form(allowed)
     if _takes_mask_per_layer_type(type(decoder)):
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         masks = {"full_attention": full}
-        if "sliding_attention" in layer_types and window is not None:
-            masks["sliding_attention"] = form(allowed_attention(batch, window))
-        elif "sliding_attention" in layer_types:
-            masks["sliding_attention"] = full
+        if "sliding_attention" in layer_types:
+            masks["sliding_attention"] = full if window is None else form(within_window(allowed, batch, window))
         return masks
-    return form(allowed_attention(batch, window)) if window is not None else full
+    return full if window is None else form(within_window(allowed, batch, window))
 
 
 def shared_logps(
