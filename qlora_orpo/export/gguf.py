@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..core.files import atomic_write_text
-from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
+from .adapters import AdapterInfo, adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, build_vocab, render_modelfile, write_vocab
 from .merged import log
@@ -199,7 +199,7 @@ def write_gguf(path: Path, model: PreTrainedModel, vocab: Vocab, arch: str, quan
 
 
 def export_gguf(
-    adapter_dir: str | Path,
+    adapter_dir: str | Path | None,
     out_path: str | Path,
     quant: str = "f16",
     *,
@@ -213,6 +213,8 @@ def export_gguf(
     """Merge the adapter into its base and write ``out_path`` (``.gguf``) and a ``Modelfile`` beside it.
 
     ``out_path`` not ending in ``.gguf`` is a directory that receives ``model-<quant>.gguf``.
+    ``adapter_dir`` None writes the model ``base`` names as it is: the base GGUF that an adapter
+    file of :mod:`qlora_orpo.export.gguf_lora` runs on (llama.cpp ``--lora``, Ollama ``ADAPTER``).
 
     ``base``/``force``/``texts`` as in :func:`~qlora_orpo.export.merged.export_merged`. The file is
     written to a temporary sibling and renamed once verified; an existing ``out_path`` is
@@ -220,7 +222,7 @@ def export_gguf(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..models.loader import load_base
+    from ..models.loader import load_base, resolve_model_path
 
     start = time.perf_counter()
     if quant not in QUANTS:
@@ -232,32 +234,40 @@ def export_gguf(
         out = out / f"model-{quant}.gguf"
     modelfile = out.parent / "Modelfile"
     _check_outputs(out, modelfile)
-    info = read_adapter(adapter_dir, require_card=not force)
-    base_path = resolve_base(info, base)
+    if adapter_dir is None and not base:
+        raise ExportError("export: without --adapter, name the model to export with --model")
+    info = read_adapter(adapter_dir, require_card=not force) if adapter_dir is not None else None
+    base_path = resolve_base(info, base) if info else resolve_model_path(str(base))
     try:
         config = AutoConfig.from_pretrained(base_path)
         arch = gguf_arch(config, f"base {base_path}")  # refuse before loading weights
-        tokenizer = AutoTokenizer.from_pretrained(adapter_tokenizer_dir(info.path) or base_path)  # its template
+        tokenizer = AutoTokenizer.from_pretrained((info and adapter_tokenizer_dir(info.path)) or base_path)
         vocab = build_vocab(tokenizer, config.vocab_size)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
     model = load_base(base_path, "none", "cpu", torch.float32)  # merged in float32, never into 4-bit weights
-    log(f"base {base_path} (float32, CPU); adapter {info.path}; GGUF {arch} {quant}")
-    peft_model = load_adapter(model, tokenizer, info.path, force=force).eval()
+    log(f"base {base_path} (float32, CPU); adapter {info.path if info else 'none'}; GGUF {arch} {quant}")
+    # Without an adapter the model is its own "merged" model (an AdapterInfo without a card gives
+    # verification_texts its built-in prompts).
+    peft_model = load_adapter(model, tokenizer, info.path, force=force).eval() if info else None
     if verify:
         if texts is None:
-            texts, _ = verification_texts(info, tokenizer)
+            texts, _ = verification_texts(info or AdapterInfo(Path(base_path), {}, None), tokenizer)
         ids = encode_texts(tokenizer, texts, max_tokens)
-        with peft_model.disable_adapter():
-            base_logits = reference_logits(peft_model, ids)
-    merged = peft_model.merge_and_unload(safe_merge=True).eval()
-    name = f"{(info.card or {}).get('qlora_orpo', {}).get('base', {}).get('name') or Path(base_path).name} ORPO"
+        if peft_model is None:
+            base_logits = reference_logits(model, ids)
+        else:
+            with peft_model.disable_adapter():
+                base_logits = reference_logits(peft_model, ids)
+    merged = peft_model.merge_and_unload(safe_merge=True).eval() if peft_model is not None else model.eval()
+    card = ((info.card if info else None) or {}).get("qlora_orpo", {})
+    name = f"{card.get('base', {}).get('name') or Path(base_path).name}{' ORPO' if info else ''}"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         log(f"writing {out} ({quant}; norms and biases F32)")
-        write_gguf(tmp, merged, vocab, arch, quant, name, str(info.path.resolve()))
+        write_gguf(tmp, merged, vocab, arch, quant, name, str(info.path.resolve()) if info else "")
         check = None
         if verify:
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)
@@ -270,7 +280,7 @@ def export_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    system = ((info.card or {}).get("qlora_orpo", {}).get("training") or {}).get("system_prompt") or None
+    system = (card.get("training") or {}).get("system_prompt") or None
     atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system))
     result = GGUFExportResult(path=str(out), modelfile=str(modelfile), quant=quant, bytes=size,
                               seconds=time.perf_counter() - start, end_of_turn=vocab.end_of_turn, check=check)
@@ -279,7 +289,7 @@ def export_gguf(
         verdict = (f"max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
                    f", top-1 agreement {check.top1_agreement:.3f}, greedy identical {check.greedy_identical}/"
                    f"{check.greedy_runs}")
-        if check.adapter_effect <= check.tolerance:
+        if info and check.adapter_effect <= check.tolerance:
             log(f"note: the adapter moves logits by at most {check.adapter_effect:.3g}, within the {quant} "
                 f"tolerance {check.tolerance:.3g}; this check cannot tell a merged adapter from a missing one")
     log(f"wrote {out} ({size / 1e6:.1f} MB {quant}) and {modelfile}; {verdict}; {result.seconds:.1f} s")
