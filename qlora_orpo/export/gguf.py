@@ -213,7 +213,7 @@ def export_gguf(
     """Merge the adapter into its base and write ``out_path`` (``.gguf``) and a ``Modelfile`` beside it.
 
     ``out_path`` not ending in ``.gguf`` is a directory that receives ``model-<quant>.gguf``.
-    ``adapter_dir`` None writes the model ``base`` names as it is: the base GGUF that an adapter
+    ``adapter_dir`` None writes the model ``base`` names alone: the base GGUF that an adapter
     file of :mod:`qlora_orpo.export.gguf_lora` runs on (llama.cpp ``--lora``, Ollama ``ADAPTER``).
 
     ``base``/``force``/``texts`` as in :func:`~qlora_orpo.export.merged.export_merged`. The file is
@@ -236,38 +236,39 @@ def export_gguf(
     _check_outputs(out, modelfile)
     if adapter_dir is None and not base:
         raise ExportError("export: without --adapter, name the model to export with --model")
-    info = read_adapter(adapter_dir, require_card=not force) if adapter_dir is not None else None
-    base_path = resolve_base(info, base) if info else resolve_model_path(str(base))
+    alone = adapter_dir is None
+    info = None if alone else read_adapter(adapter_dir, require_card=not force)
+    base_path = resolve_model_path(str(base)) if alone else resolve_base(info, base)
+    # Alone, a card-less AdapterInfo of the base stands in: its tokenizer, the built-in prompts.
+    info = info or AdapterInfo(Path(base_path), {}, None)
     try:
         config = AutoConfig.from_pretrained(base_path)
         arch = gguf_arch(config, f"base {base_path}")  # refuse before loading weights
-        tokenizer = AutoTokenizer.from_pretrained((info and adapter_tokenizer_dir(info.path)) or base_path)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_tokenizer_dir(info.path) or base_path)  # its template
         vocab = build_vocab(tokenizer, config.vocab_size)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
     model = load_base(base_path, "none", "cpu", torch.float32)  # merged in float32, never into 4-bit weights
-    log(f"base {base_path} (float32, CPU); adapter {info.path if info else 'none'}; GGUF {arch} {quant}")
-    # Without an adapter the model is its own "merged" model (an AdapterInfo without a card gives
-    # verification_texts its built-in prompts).
-    peft_model = load_adapter(model, tokenizer, info.path, force=force).eval() if info else None
+    log(f"base {base_path} (float32, CPU); adapter {'none' if alone else info.path}; GGUF {arch} {quant}")
+    peft_model = None if alone else load_adapter(model, tokenizer, info.path, force=force).eval()
     if verify:
         if texts is None:
-            texts, _ = verification_texts(info or AdapterInfo(Path(base_path), {}, None), tokenizer)
+            texts, _ = verification_texts(info, tokenizer)
         ids = encode_texts(tokenizer, texts, max_tokens)
-        if peft_model is None:
+        if alone:
             base_logits = reference_logits(model, ids)
         else:
             with peft_model.disable_adapter():
                 base_logits = reference_logits(peft_model, ids)
-    merged = peft_model.merge_and_unload(safe_merge=True).eval() if peft_model is not None else model.eval()
-    card = ((info.card if info else None) or {}).get("qlora_orpo", {})
-    name = f"{card.get('base', {}).get('name') or Path(base_path).name}{' ORPO' if info else ''}"
+    merged = model.eval() if alone else peft_model.merge_and_unload(safe_merge=True).eval()
+    name = f"{(info.card or {}).get('qlora_orpo', {}).get('base', {}).get('name') or Path(base_path).name}"
+    name += "" if alone else " ORPO"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         log(f"writing {out} ({quant}; norms and biases F32)")
-        write_gguf(tmp, merged, vocab, arch, quant, name, str(info.path.resolve()) if info else "")
+        write_gguf(tmp, merged, vocab, arch, quant, name, "none" if alone else str(info.path.resolve()))
         check = None
         if verify:
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)
@@ -280,7 +281,7 @@ def export_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    system = (card.get("training") or {}).get("system_prompt") or None
+    system = ((info.card or {}).get("qlora_orpo", {}).get("training") or {}).get("system_prompt") or None
     atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system))
     result = GGUFExportResult(path=str(out), modelfile=str(modelfile), quant=quant, bytes=size,
                               seconds=time.perf_counter() - start, end_of_turn=vocab.end_of_turn, check=check)
@@ -289,7 +290,7 @@ def export_gguf(
         verdict = (f"max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
                    f", top-1 agreement {check.top1_agreement:.3f}, greedy identical {check.greedy_identical}/"
                    f"{check.greedy_runs}")
-        if info and check.adapter_effect <= check.tolerance:
+        if check.adapter_effect <= check.tolerance:
             log(f"note: the adapter moves logits by at most {check.adapter_effect:.3g}, within the {quant} "
                 f"tolerance {check.tolerance:.3g}; this check cannot tell a merged adapter from a missing one")
     log(f"wrote {out} ({size / 1e6:.1f} MB {quant}) and {modelfile}; {verdict}; {result.seconds:.1f} s")

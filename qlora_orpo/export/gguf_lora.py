@@ -100,6 +100,8 @@ def lora_pairs(tensors: dict[str, torch.Tensor], where: str) -> dict[str, tuple[
         name = key.removeprefix(PEFT_PREFIX)
         if "lora_embedding_" in name or ".embed_tokens." in name:
             raise ExportError(f"{where}: {key} adapts the embeddings; llama.cpp adapters here cover linear layers only")
+        if name.endswith(".base_layer.weight"):  # peft's copy of a base weight (save_embedding_layers), as
+            continue  # llama.cpp's converter does: the base GGUF already holds it
         for part in ("lora_A", "lora_B"):
             if name.endswith(f".{part}.weight"):
                 pairs.setdefault(name.removesuffix(f".{part}.weight"), {})[part] = value

@@ -143,7 +143,7 @@ out, greedy = {}, []
 for i, ids in enumerate(spec["ids"]):
     llm.reset()
     llm.eval(ids)
-    out[f"logits_{i}"] = np.ascontiguousarray(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+    out[f"logits_{i}"] = np.array(llm.scores[: len(ids)], dtype=np.float32)  # a copy: the next eval overwrites scores
 for prompt in spec["greedy_prompts"]:
     llm.reset()
     llm.eval(prompt)
