@@ -43,7 +43,13 @@ import torch
 from ..core.files import atomic_write_text, fsync_dir
 from .adapters import WEIGHTS_FILE, adapter_tokenizer_dir, read_adapter, resolve_base
 from .gguf import OURS_KEY, PERMUTE_QK, _check_outputs, export_gguf, gguf_arch, permute_qk
-from .gguf_lora_check import LlamaCppCheck, check_structure, llama_cpp_available, run_llama_cpp
+from .gguf_lora_check import (
+    LlamaCppCheck,
+    check_structure,
+    llama_cpp_available,
+    run_llama_cpp,
+    tensor_name_map,
+)
 from .gguf_verify import GREEDY_TOKENS, QUANTS
 from .gguf_vocab import end_of_turn_token, render_modelfile
 from .merged import log
@@ -127,14 +133,6 @@ def file_alpha(peft_config: dict[str, Any], ranks: list[int]) -> float:
     """The one ``adapter.lora.alpha`` that gives the commonest rank peft's scale under llama.cpp's ``alpha / rank``."""
     rank = Counter(ranks).most_common(1)[0][0]
     return peft_scale(peft_config, rank) * rank
-
-
-def tensor_name_map(arch: str, n_layers: int) -> Any:
-    """gguf's transformers -> GGUF tensor name map for ``arch`` (the one gguf.gguf_tensors uses)."""
-    import gguf
-
-    arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
-    return gguf.get_tensor_name_map(arch_enum, n_layers)
 
 
 def gguf_lora_tensors(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], config: Any, arch: str,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .gguf import PERMUTE_QK, permute_qk
 from .gguf_verify import _common_prefix, _greedy, gguf_tolerance
 from .verify import ExportVerificationError, reference_logits
 
@@ -60,6 +61,14 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def tensor_name_map(arch: str, n_layers: int) -> Any:
+    """gguf's transformers -> GGUF tensor name map for ``arch`` (the one gguf.gguf_tensors uses)."""
+    import gguf
+
+    arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    return gguf.get_tensor_name_map(arch_enum, n_layers)
+
+
 def lora_layers(peft_model: PeftModel) -> dict[str, Any]:
     """``{transformers module name: peft LoRA layer}`` of the default adapter."""
     return {name.removeprefix("base_model.model."): module for name, module in peft_model.named_modules()
@@ -72,9 +81,6 @@ def check_structure(path: Path, peft_model: PeftModel, config: Any, arch: str, b
     Raises :class:`ExportVerificationError` naming the first mismatch.
     """
     import gguf
-
-    from .gguf import PERMUTE_QK, permute_qk
-    from .gguf_lora import tensor_name_map
 
     reader = gguf.GGUFReader(str(path))
     fields = reader.fields
