@@ -273,3 +273,22 @@ def test_export_command_writes_a_base_gguf_and_an_adapter_gguf(cases, tmp_path, 
     with pytest.raises(SystemExit):
         export_main(["--format", "gguf-lora", "--out", str(tmp_path / "x")])
     assert "--format gguf-lora needs --adapter" in capsys.readouterr().err
+
+
+def test_finetune_with_export_gguf_lora_writes_base_adapter_and_modelfile(tmp_path):
+    from test_train import WORDS, tiny_config
+
+    from qlora_orpo.recipes.finetune import run
+
+    tokenizer = build_qwen2_tokenizer()
+    save_base(tmp_path, build_tiny_llama(vocab_size=400), tokenizer)
+    rows = [{"prompt": f"{WORDS[i % 16]} {WORDS[(3 * i) % 16]}", "chosen": "hello world", "rejected": "the lazy dog"}
+            for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert OrpoConfig(export="gguf-lora").export == "gguf-lora"
+    run(tiny_config(tmp_path, tmp_path / "base", tmp_path / "pairs.jsonl", max_steps=2, save_every=0,
+                    export="gguf-lora", gguf_quant="f32"))
+    out = tmp_path / "runs" / "t" / "gguf-lora"
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "adapter-f32.gguf", "base-f32.gguf"]
+    fields, tensors = read(str(out / "adapter-f32.gguf"))
+    assert fields["general.type"].contents() == "adapter" and "blk.1.ffn_down.weight.lora_b" in tensors

@@ -24,11 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "for gguf a .gguf file name, or a directory that gets model-<quant>.gguf.")
     parser.add_argument("--format", choices=("merged", "gguf", "gguf-lora"), default="merged",
                         help="merged: safetensors directory; gguf: one .gguf file for llama.cpp/LM Studio/Ollama; "
-                        "gguf-lora: the adapter alone as llama.cpp's LoRA GGUF (--lora, Ollama ADAPTER).")
+                        "gguf-lora: the adapter alone as llama.cpp's LoRA GGUF (--lora, Ollama ADAPTER), in F32; "
+                        "--quant is then the base GGUF's.")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored weights (merged only).")
     parser.add_argument("--quant", choices=("f32", "f16", "q8_0"), default="f16",
-                        help="GGUF type of the matrices; norms stay F32 (gguf; for gguf-lora the base GGUF's, "
-                        "the adapter file is F32).")
+                        help="GGUF type of the matrices; norms stay F32 (gguf only).")
     parser.add_argument("--base", "--model", dest="base", default=None,
                         help="Base model to merge into (directory, 'embedded' or hub id); default: the card's. "
                         "With --format gguf and no --adapter: the model to export.")

@@ -290,7 +290,7 @@ def export_gguf(
         verdict = (f"max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
                    f", top-1 agreement {check.top1_agreement:.3f}, greedy identical {check.greedy_identical}/"
                    f"{check.greedy_runs}")
-        if check.adapter_effect <= check.tolerance:
+        if not alone and check.adapter_effect <= check.tolerance:  # alone, there is no adapter to see
             log(f"note: the adapter moves logits by at most {check.adapter_effect:.3g}, within the {quant} "
                 f"tolerance {check.tolerance:.3g}; this check cannot tell a merged adapter from a missing one")
     log(f"wrote {out} ({size / 1e6:.1f} MB {quant}) and {modelfile}; {verdict}; {result.seconds:.1f} s")

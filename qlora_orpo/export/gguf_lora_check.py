@@ -32,14 +32,13 @@ import numpy as np
 import torch
 
 from .gguf import PERMUTE_QK, permute_qk
-from .gguf_verify import _common_prefix, _greedy, gguf_tolerance
+from .gguf_verify import QUANTS, _common_prefix, _greedy, gguf_tolerance
 from .verify import ExportVerificationError, reference_logits
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
 STRUCTURE_RTOL = 1e-5  # float32 products of rank-r factors: a few eps32 * sqrt(r); any real mistake is O(1)
-FILE_TYPE_QUANT = {0: "f32", 1: "f16", 7: "q8_0"}  # general.file_type -> the base GGUF's quant (gguf.FILE_TYPES)
 
 
 @dataclass
@@ -171,10 +170,14 @@ def base_quant_of(base_file: Path) -> str:
 
     fields = gguf.GGUFReader(str(base_file)).fields
     file_type = int(fields["general.file_type"].contents()) if "general.file_type" in fields else -1
-    if file_type not in FILE_TYPE_QUANT:
-        raise ExportVerificationError(f"{base_file}: file type {file_type} has no tolerance here "
-                                      f"(known: {', '.join(FILE_TYPE_QUANT.values())})")
-    return FILE_TYPE_QUANT[file_type]
+    try:  # gguf's names: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_K_M... -> --quant's spelling
+        quant = gguf.LlamaFileType(file_type).name.removeprefix("ALL_").removeprefix("MOSTLY_").lower()
+    except ValueError:
+        quant = f"file type {file_type}"
+    if quant not in QUANTS:
+        raise ExportVerificationError(f"{base_file}: a {quant} base has no llama.cpp tolerance here "
+                                      f"(known: {', '.join(QUANTS)})")
+    return quant
 
 
 def run_llama_cpp(adapter: Path, base_file: Path, peft_model: PeftModel, ids: list[list[int]],
