@@ -217,7 +217,8 @@ def run_llama_cpp(adapter: Path, base_file: Path, peft_model: PeftModel, ids: li
         raise ExportVerificationError(f"{adapter}: llama.cpp's logits (base {quant} + adapter) differ from peft's by "
                                       f"up to {max_diff:.3g}, above the tolerance {tol:.3g}; nothing was written")
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, reference, strict=True))
-    pairs = list(zip(report["greedy"], reference_greedy, strict=True))
+    # generate() stops at EOS, the runner does not: compare llama.cpp's tokens up to where peft's ended.
+    pairs = [(cpp[: len(ref)], ref) for cpp, ref in zip(report["greedy"], reference_greedy, strict=True)]
     return LlamaCppCheck(
         max_abs_diff=max_diff, tolerance=tol, base_quant=quant, logit_scale=scale,
         top1_agreement=agree / sum(len(r) for r in reference),
