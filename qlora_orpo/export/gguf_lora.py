@@ -57,7 +57,8 @@ from .verify import VERIFY_MAX_TOKENS, ExportError
 
 PEFT_PREFIX = "base_model.model."
 # peft options whose effect a llama.cpp LoRA adapter (x + alpha/r * B A x per linear layer) cannot carry.
-NO_LLAMA_CPP_FORM = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "alora_invocation_tokens",
+# (use_dora has its own message.) alpha_pattern: one alpha per file, and peft's pattern matching is not redone here.
+NO_LLAMA_CPP_FORM = ("lora_bias", "modules_to_save", "trainable_token_indices", "alora_invocation_tokens",
                      "layer_replication", "use_qalora", "target_parameters", "use_bdlora", "alpha_pattern")
 
 
@@ -93,7 +94,7 @@ def check_peft_config(peft_config: dict[str, Any], where: str) -> None:
                           "export the merged model instead (--format gguf)")
     if peft_config.get("bias", "none") != "none":
         raise ExportError(f"{where}: bias={peft_config['bias']!r} trains biases, which a llama.cpp adapter cannot hold")
-    for option in NO_LLAMA_CPP_FORM[1:]:
+    for option in NO_LLAMA_CPP_FORM:
         if peft_config.get(option):
             raise ExportError(f"{where}: peft option {option} has no llama.cpp adapter form; "
                               "export the merged model instead (--format gguf)")
@@ -106,14 +107,18 @@ def lora_pairs(tensors: dict[str, torch.Tensor], where: str) -> dict[str, tuple[
         name = key.removeprefix(PEFT_PREFIX)
         if "lora_embedding_" in name or ".embed_tokens." in name:
             raise ExportError(f"{where}: {key} adapts the embeddings; llama.cpp adapters here cover linear layers only")
-        if name.endswith(".base_layer.weight"):  # peft's copy of a base weight (save_embedding_layers), as
-            continue  # llama.cpp's converter does: the base GGUF already holds it
+        # peft's copy of a base weight (save_embedding_layers): skipped, as llama.cpp's converter
+        # skips it, because the base GGUF already holds that weight.
+        if name.endswith(".base_layer.weight"):
+            continue
         for part in ("lora_A", "lora_B"):
             if name.endswith(f".{part}.weight"):
                 pairs.setdefault(name.removesuffix(f".{part}.weight"), {})[part] = value
                 break
         else:
             raise ExportError(f"{where}: {key} is not a LoRA A/B matrix; a llama.cpp adapter holds nothing else")
+    if not pairs:
+        raise ExportError(f"{where}: holds no LoRA A/B matrices")
     for module, pair in pairs.items():
         if len(pair) != 2:
             raise ExportError(f"{where}: {module} has only {', '.join(pair)}")
