@@ -165,6 +165,24 @@ def test_llama_cpp_runs_base_plus_adapter_as_peft_does(cases, arch):
     assert check.top1_agreement > 0.95 and check.greedy_identical >= check.greedy_runs - 1
 
 
+def test_without_llama_cpp_the_judge_is_structural(cases, tmp_path, monkeypatch):
+    case = cases["qwen2"]
+    monkeypatch.setattr(L, "llama_cpp_available", lambda: False)
+    result = L.export_gguf_lora(case["adapter"], tmp_path / "x.gguf", base_gguf=case["result"].base_gguf)
+    assert result.judge == "structural" and result.llama_cpp is None
+    assert result.structural_max_diff < C.STRUCTURE_RTOL
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_llama_cpp_alone_catches_a_wrong_permutation(cases, tmp_path, monkeypatch):
+    case = cases["llama"]
+    monkeypatch.setattr(L, "permute_qk", lambda weight, n_head: weight)
+    monkeypatch.setattr(L, "check_structure", lambda *args: 0.0)  # the structural judge blindfolded
+    with pytest.raises(ExportVerificationError, match="llama.cpp's logits .* differ from peft's"):
+        L.export_gguf_lora(case["adapter"], tmp_path / "x.gguf", base_gguf=case["result"].base_gguf)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------
 # refusals
 # --------------------------------------------------------------------------------------------
