@@ -29,13 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored weights (merged only).")
     parser.add_argument("--quant", choices=("f32", "f16", "q8_0"), default="f16",
                         help="GGUF type of the matrices; norms stay F32 (gguf only).")
-    parser.add_argument("--base", "--model", dest="base", default=None,
-                        help="Base model to merge into (directory, 'embedded' or hub id); default: the card's. "
-                        "With --format gguf and no --adapter: the model to export.")
-    parser.add_argument("--base-gguf", default=None, help="gguf-lora: the base's GGUF, already written "
-                        "(--format gguf --model BASE); default: write base-<quant>.gguf beside the adapter file.")
+    parser.add_argument("--base", default=None,
+                        help="Base model to merge into (directory, 'embedded' or hub id); default: the card's.")
     parser.add_argument("--force", action="store_true", help="Merge even if the base's fingerprint differs.")
     parser.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard, e.g. 500MB.")
+    parser.add_argument("--model", dest="base", default=None, help="Same as --base; with --format gguf and no "
+                        "--adapter, the model to export alone (the base GGUF a gguf-lora adapter runs on).")
+    parser.add_argument("--base-gguf", default=None, help="gguf-lora: the base's GGUF, already written "
+                        "(--format gguf --model BASE); default: write base-<quant>.gguf beside the adapter file.")
 
 
 def build_parser(prog: str = "qlora-orpo export") -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..core.files import atomic_write_text
-from .adapters import AdapterInfo, adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
+from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, build_vocab, render_modelfile, write_vocab
 from .merged import log
@@ -223,6 +223,7 @@ def export_gguf(
     from transformers import AutoConfig, AutoTokenizer
 
     from ..models.loader import load_base, resolve_model_path
+    from .adapters import AdapterInfo
 
     start = time.perf_counter()
     if quant not in QUANTS:
