@@ -21,8 +21,11 @@ llama.cpp) or the llama.cpp model file (``src/models/<arch>.cpp``) it satisfies:
   llama.cpp's ``phi3`` graph reads them (``attn_qkv``, ``ffn_up`` of ``2 * n_ff`` rows, gate
   first); the rotary dimension ``int(partial_rotary_factor * hidden) // heads``; the original
   context length; ``sliding_window`` as the converter writes it (llama.cpp's phi3 ignores it).
-  Long-context ``longrope`` checkpoints are refused: they need long/short factor tensors and an
-  attention factor that llama.cpp switches on context length, which this exporter does not write.
+  Long-context ``longrope`` checkpoints (Phi-3-128k, Phi-3.5) get ``rope_factors_long``/``_short``
+  and ``rope.scaling.attn_factor = sqrt(1 + ln(max / original) / ln(original))`` as
+  ``Phi3MiniModel.generate_extra_tensors`` writes them. llama.cpp picks the long factors when its
+  context (``n_ctx``) exceeds the original length, transformers when the sequence does; a config
+  whose ``factor`` or ``attention_factor`` differs from what llama.cpp derives is refused.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ NORM_PLUS_ONE = {"gemma2", "gemma3"}  # Gemma's RMSNorm computes x * (1 + w); ll
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 ROPE_TYPES = {  # rope types each GGUF architecture can express (of its global/full-attention layers)
     "llama": ("default", "llama3"), "qwen2": ("default",), "gemma2": ("default",),
-    "gemma3": ("default", "linear"), "phi3": ("default",),
+    "gemma3": ("default", "linear"), "phi3": ("default", "longrope"),
 }
 BIG_GEMMA_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp's LLM_TYPE_27B, scaled by hidden / heads
 
@@ -77,6 +80,31 @@ def check_family(config: Any, model_type: str, arch: str, where: str) -> None:
         raise ExportError(f"{where}: qwen2 with use_sliding_window is not supported by the GGUF export")
     if arch in NORM_PLUS_ONE:
         _check_gemma(config, model_type, arch, where)
+    if arch == "phi3" and rope_type == "longrope":
+        _check_longrope(config, where)
+
+
+def longrope_attn_factor(config: Any) -> float:
+    """The attention factor llama.cpp applies with longrope (Phi3MiniModel.generate_extra_tensors)."""
+    rope = rope_parameters(config)
+    original = rope["original_max_position_embeddings"]
+    scale = config.max_position_embeddings / original
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+
+
+def _check_longrope(config: Any, where: str) -> None:
+    rope = rope_parameters(config)
+    half = rope_dimension_count(config, "phi3") // 2
+    long, short = rope.get("long_factor") or [], rope.get("short_factor") or []
+    if len(long) != half or len(short) != half or not rope.get("original_max_position_embeddings"):
+        raise ExportError(f"{where}: phi3 longrope needs long_factor and short_factor of {half} values and "
+                          "original_max_position_embeddings")
+    scale = config.max_position_embeddings / rope["original_max_position_embeddings"]
+    factor, attn = rope.get("factor"), rope.get("attention_factor")
+    if (factor is not None and not math.isclose(factor, scale)) or (
+            attn is not None and not math.isclose(attn, longrope_attn_factor(config), rel_tol=1e-6)):
+        raise ExportError(f"{where}: phi3 longrope with factor/attention_factor other than llama.cpp derives from "
+                          "max_position_embeddings / original_max_position_embeddings is not supported")
 
 
 def _check_gemma(config: Any, model_type: str, arch: str, where: str) -> None:
@@ -136,6 +164,11 @@ def write_family_metadata(writer: Any, config: Any, arch: str) -> None:
             config, "original_max_position_embeddings", None) or config.max_position_embeddings
         writer.add_rope_scaling_orig_ctx_len(int(original))
         writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
+        if rope_parameters(config)["rope_type"] == "longrope":  # TextModel.set_gguf_parameters + generate_extra_tensors
+            import gguf
+
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+            writer.add_rope_scaling_attn_factors(longrope_attn_factor(config))
 
 
 def _write_swa_pattern(writer: Any, config: Any, arch: str) -> None:
@@ -187,6 +220,9 @@ def extra_tensors(config: Any, arch: str) -> dict[str, torch.Tensor]:
     rope = rope_parameters(config)
     if arch == "llama" and rope["rope_type"] == "llama3":
         return {"rope_freqs.weight": llama3_rope_factors(rope, _head_dim(config))}
+    if arch == "phi3" and rope["rope_type"] == "longrope":
+        return {"rope_factors_long.weight": torch.tensor(rope["long_factor"], dtype=torch.float32),
+                "rope_factors_short.weight": torch.tensor(rope["short_factor"], dtype=torch.float32)}
     return {}
 
 
@@ -205,6 +241,8 @@ def transformers_blind_spot(config: Any, arch: str, space_scheme: str | None) ->
         return "it ignores the llama3 rope_freqs tensor"
     if arch == "phi3" and rope_dimension_count(config, arch) != _head_dim(config):
         return "it ignores phi3's partial rotary dimension count"
+    if rope["rope_type"] == "longrope":
+        return "it ignores longrope's factor tensors"
     if arch == "gemma2" and (config.attn_logit_softcapping, config.final_logit_softcapping) != (50.0, 30.0):
         return "it ignores gemma2 soft-capping values other than 50/30"
     if arch == "gemma3":

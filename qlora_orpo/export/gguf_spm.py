@@ -87,6 +87,8 @@ def space_handling(spec: dict[str, Any]) -> tuple[bool, str]:
     replace = any(n.get("type") == "Replace" and (n.get("pattern") or {}).get("String") == " "
                   and n.get("content") == SPACE for n in normalizers)
     for p in pres:
+        if replace and p.get("type") == "Split" and (p.get("pattern") or {}).get("String") == " ":
+            continue  # transformers' GemmaTokenizer: splits at spaces the normaliser already replaced, a no-op
         if p.get("type") != "Metaspace":
             raise VocabError(f"tokenizer: SentencePiece pre-tokenizer {p.get('type')} has no llama.cpp equivalent")
         if p.get("split", False):
