@@ -2,10 +2,11 @@
 
 :func:`export_gguf` merges the adapter into the float32 base exactly as
 :func:`~qlora_orpo.export.merged.export_merged` does, then writes the merged weights with the ``gguf``
-package alone (no llama.cpp build): architecture metadata, the tokenizer
-(:mod:`qlora_orpo.export.gguf_vocab`), and each tensor under its GGUF name. Supported: the Llama
-family (``llama``, ``mistral``: SmolLM, Llama, Mistral with a byte-level BPE tokenizer) and
-``qwen2``. For ``llama``, llama.cpp's rotary layout differs from transformers': the rows of
+package alone (no llama.cpp build): architecture metadata, the tokenizer (byte-level BPE in
+:mod:`qlora_orpo.export.gguf_vocab`, SentencePiece in :mod:`qlora_orpo.export.gguf_spm`), and each
+tensor under its GGUF name. Supported: the Llama family (``llama``, ``mistral``: SmolLM, Llama 2/3/3.1/3.2,
+Mistral), ``qwen2``, Gemma-2, Gemma-3 (text) and Phi-3, with what each family adds in
+:mod:`qlora_orpo.export.gguf_families`. For ``llama``, llama.cpp's rotary layout differs from transformers': the rows of
 ``q_proj`` and ``k_proj`` are permuted per head (the two rotary halves interleaved), as
 llama.cpp's ``convert_hf_to_gguf.py`` does; Qwen2's llama.cpp graph uses the transformers
 ("neox") layout, so it is written unpermuted. Norms and biases are always F32; ``--quant``
@@ -40,8 +41,17 @@ import torch
 
 from ..core.files import atomic_write_text
 from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
-from .gguf_families import FAMILY_ARCHS, check_family, extra_tensors, rope_dimension_count, rope_parameters, shift_norm
-from .gguf_families import NORM_PLUS_ONE, transformers_blind_spot, write_family_metadata
+from .gguf_families import (
+    FAMILY_ARCHS,
+    NORM_PLUS_ONE,
+    check_family,
+    extra_tensors,
+    rope_dimension_count,
+    rope_parameters,
+    shift_norm,
+    transformers_blind_spot,
+    write_family_metadata,
+)
 from .gguf_spm import build_any_vocab, write_any_vocab
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, render_modelfile

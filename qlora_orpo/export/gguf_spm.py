@@ -30,7 +30,17 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .gguf_vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED, Vocab, VocabError, build_vocab, end_of_turn_token, write_vocab
+from .gguf_vocab import (
+    CONTROL,
+    NORMAL,
+    UNUSED,
+    USER_DEFINED,
+    Vocab,
+    VocabError,
+    build_vocab,
+    end_of_turn_token,
+    write_vocab,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
