@@ -351,3 +351,37 @@ def test_llama_cpp_sees_a_dropped_family_feature(cases, tmp_path, monkeypatch, n
     result = G.export_gguf(cases[name]["adapter"], tmp_path / "b.gguf", "f32", verify=False)
     got = llama_cpp_check(cases[name], result.path, space_scheme(cases[name]))
     assert got["max_diff"] > 3 * llama_cpp_bound("f32", got["scale"]), got
+
+
+@needs_llama_cpp
+def test_llama_cpp_always_scheme_differs_only_on_runs_that_start_with_a_space(cases, tmp_path):
+    """A ``Metaspace(always)`` tokenizer (transformers' LlamaTokenizer with ``legacy=True``, e.g. Mistral v0.1):
+    written with ``add_space_prefix = true`` as the converter writes it, llama.cpp prepends a space to
+    every run after a special token, transformers only to runs that do not start with one. Pinned
+    here so that the difference stays known: ``[INST] What`` gets one ``▁`` more in llama.cpp."""
+    import shutil
+
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(cases["mistral"]["root"] / "base", base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=S.SPACE, prepend_scheme="always",
+                                                                         split=False)
+    tokenizer.save_pretrained(base)
+    vocab = S.build_any_vocab(tokenizer, cases["mistral"]["config"].vocab_size)
+    assert (vocab.add_space_prefix, vocab.space_scheme) == (True, "always")
+    result = G.export_gguf(cases["mistral"]["adapter"], tmp_path / "a.gguf", "f32", base=str(base), force=True,
+                           verify=False)
+    llm = llama_cpp.Llama(model_path=result.path, n_ctx=64, vocab_only=True, verbose=False)
+
+    def both(text: str) -> tuple[list[str], list[str]]:
+        ours = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ours, tokenizer.convert_ids_to_tokens(llm.tokenize(text.encode(), add_bos=False, special=True))
+
+    for text in ("<s>[INST]What is[/INST]Paris</s>", "hello world"):  # no run starts with a space: identical
+        ours, theirs = both(text)
+        assert ours == theirs, text
+    ours, theirs = both("<s>[INST] What is")
+    assert "".join(theirs) == "".join(ours).replace("[INST]", "[INST]" + S.SPACE)
