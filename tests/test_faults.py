@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from conftest import build_tiny_llama, build_tokenizer
 from safetensors.torch import load_file
 from test_train import WORDS, tiny_config
 
+from qlora_orpo.core.errors import UserError
 from qlora_orpo.recipes.finetune import run
 from qlora_orpo.training.checkpoint import latest_checkpoint
 from qlora_orpo.training.metrics import read_metrics
@@ -71,6 +75,8 @@ calls = [0]
 real_call = OrpoStep.__call__
 def call(self, *args, **kwargs):
     calls[0] += 1
+    if point == "started-marker" and calls[0] == 1:  # training has begun: the parent's clock starts
+        Path(sys.argv[3]).touch()
     if point == "mid-accumulation" and calls[0] == 4 * 2 + 2:  # step 5, its 2nd micro-batch
         die()
     return real_call(self, *args, **kwargs)
@@ -92,6 +98,7 @@ if point == "full-disk":
     OrpoConfig(**cfg_values).to_file(config)
     sys.exit(main(["train", "--config", str(config)]))
 from qlora_orpo.config import OrpoConfig
+from qlora_orpo.core.errors import UserError
 from qlora_orpo.recipes.finetune import run
 run(OrpoConfig(**cfg_values))
 """
@@ -187,3 +194,75 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_saying_so(world
     assert "checkpoint step-000004 is damaged: adapter/adapter_model.safetensors" in err
     assert "resuming from step-000002" in err
     assert_same_adapter(run_dir, root / "runs" / "whole")
+
+
+def started_child(cfg, marker: Path) -> subprocess.Popen:
+    """The child, uninterrupted but for the parent: it touches ``marker`` when its first micro-batch runs."""
+    values = json.dumps(dataclasses.asdict(cfg))
+    return subprocess.Popen([sys.executable, "-c", CHILD, values, "started-marker", str(marker)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(marker: Path, process: subprocess.Popen) -> float:
+    """Wait until the child has started training; the monotonic time it did (it must not exit first)."""
+    while not marker.exists():
+        assert process.poll() is None, f"the child exited ({process.returncode}) before training"
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+RANDOM_TRIALS = 3
+
+
+def test_a_kill_at_a_random_moment_then_resume_ends_with_the_uninterrupted_adapter(world):
+    """SIGKILL from outside after a seeded random delay within the training's own duration.
+
+    The named points above are where the code is most fragile; this one lands wherever the
+    clock says (a tensor write, a fsync, the optimizer, the metrics file, the adapter save),
+    with a checkpoint every step so that most kills land beside one. The delays are stratified
+    (one uniform draw in each third of the duration) so that a few trials cover the whole run. The training duration is
+    measured once on an uninterrupted child (whose adapter must also equal the reference run's,
+    since checkpointing every step changes no arithmetic), from its first micro-batch to its exit.
+    """
+    root, whole = world
+    base = dataclasses.replace(whole, save_every=1, save_total_limit=2)
+    measure = dataclasses.replace(base, run_name="random-measure")
+    marker = root / "random-measure.started"
+    process = started_child(measure, marker)
+    began = wait_for(marker, process)
+    assert process.wait(timeout=600) == 0
+    duration = time.monotonic() - began
+    assert_same_adapter(root / "runs" / "random-measure", root / "runs" / "whole")
+
+    rng = random.Random(20)
+    outcomes = []
+    for trial in range(RANDOM_TRIALS):
+        delay = duration * (trial + rng.random()) / RANDOM_TRIALS  # stratified: one draw per third of the run
+        cfg = dataclasses.replace(base, run_name=f"random-{trial}")
+        run_dir = root / "runs" / cfg.run_name
+        marker = root / f"{cfg.run_name}.started"
+        process = started_child(cfg, marker)
+        wait_for(marker, process)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)  # a no-op if it has already exited
+        code = process.wait(timeout=600)
+        stage = "adapter written" if (run_dir / "adapter").is_dir() else "adapter not yet written"
+        if code == 0:  # the delay outlasted this child's training: nothing to resume
+            outcomes.append((trial, round(delay, 2), "finished first"))
+        elif latest_checkpoint(run_dir) is None:  # killed before the first checkpoint was whole
+            with pytest.raises(UserError, match="has no complete checkpoint"):
+                run(cfg, resume=True)
+            assert not [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".old"))]
+            outcomes.append((trial, round(delay, 2), "killed before step 1's checkpoint: --resume refused"))
+            continue
+        else:
+            assert code == -signal.SIGKILL
+            latest = latest_checkpoint(run_dir).name
+            run(cfg, resume=True)
+            outcomes.append((trial, round(delay, 2), f"killed after {latest}, {stage}; resumed"))
+        assert_same_adapter(run_dir, root / "runs" / "whole")
+        assert_no_debris(run_dir)
+        assert not list(run_dir.glob(".adapter*")), "a killed adapter save left its temporary directory"
+        steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+        assert steps == list(range(1, 7)), steps
+    print(f"training took {duration:.2f} s; trials: {outcomes}")
