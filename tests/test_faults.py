@@ -64,6 +64,15 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state, *args, **kwargs
     return real_save(run_dir, model, optimizer, scheduler, state, *args, **kwargs)
 C.save_file, C.atomic_write_text, C.save_checkpoint = save_file, atomic_write_text, save_checkpoint
 
+import qlora_orpo.export.adapters as A
+real_save_adapter = A.save_adapter
+def save_adapter(*args, **kwargs):
+    if point == "full-disk-adapter":  # the end-of-training adapter save, every checkpoint written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return real_save_adapter(*args, **kwargs)
+A.save_adapter = save_adapter
+
 real_periodic = RunEvaluator.periodic
 def periodic(self, step):
     if point == "during-evaluation" and step == 4:
@@ -91,7 +100,7 @@ def write(self, record):
     return real_write(self, record)
 JsonlSink.write = write
 
-if point == "full-disk":
+if point.startswith("full-disk"):
     from qlora_orpo.config import OrpoConfig
     from qlora_orpo.cli import main
     config = Path(cfg_values["output_dir"]).parent / "child-config.yaml"
@@ -175,6 +184,21 @@ def test_a_full_disk_is_one_line_keeps_the_last_good_checkpoint_and_the_run_resu
     assert latest_checkpoint(run_dir).name == "step-000002"
     assert_no_debris(run_dir)
     run(cfg, resume=True)
+    assert_same_adapter(run_dir, root / "runs" / "whole")
+
+
+def test_a_full_disk_at_the_final_adapter_is_one_line_and_the_resume_writes_it(world):
+    root, whole = world
+    cfg = dataclasses.replace(whole, run_name="full-disk-adapter")
+    failed = child(cfg, "full-disk-adapter")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    run_dir = root / "runs" / "full-disk-adapter"
+    assert errors[0].startswith(f"error: {run_dir / 'adapter'}: could not write ") and "free on its disk" in errors[0]
+    assert not (run_dir / "adapter").exists() and not list(run_dir.glob(".adapter*"))
+    assert latest_checkpoint(run_dir).name == "step-000006"
+    run(cfg, resume=True)  # nothing left to train: the final evaluation and the adapter
     assert_same_adapter(run_dir, root / "runs" / "whole")
 
 
