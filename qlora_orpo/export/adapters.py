@@ -88,7 +88,7 @@ def read_adapter(adapter_dir: str | Path, require_card: bool = True) -> AdapterI
     path = Path(adapter_dir)
     if not path.is_dir():
         raise AdapterError(f"{path}: no such adapter directory")
-    _refuse_links_out(path)
+    refuse_links_out(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterError(f"{config_path}: missing; an adapter directory needs peft's {CONFIG_FILE}")
@@ -119,7 +119,7 @@ def read_adapter(adapter_dir: str | Path, require_card: bool = True) -> AdapterI
     return AdapterInfo(path, peft_config, parse_card(text, card_path))
 
 
-def _refuse_links_out(path: Path) -> None:
+def refuse_links_out(path: Path) -> None:
     """A symlink in an adapter directory must stay inside it: one that points elsewhere would make
     chat, eval or export read (and an export copy) a file the adapter's owner never shipped."""
     root = path.resolve()
