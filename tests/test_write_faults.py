@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -199,15 +200,22 @@ def test_a_writer_killed_between_the_two_renames_gets_its_previous_directory_bac
 
 def test_debris_of_a_live_writer_is_left_alone(tmp_path):
     target = tmp_path / "adapter"
-    alive = tmp_path / f".adapter.tmp-{F.os.getpid()}-x"
+    alive = tmp_path / f".adapter.tmp-{os.getpid()}-x"
     dead = tmp_path / f".adapter.tmp-{dead_pid()}-y"
-    alive.mkdir(), dead.mkdir()
+    alive.mkdir()
+    dead.mkdir()
     tmp = F.make_temp_dir(target)
-    assert alive.is_dir() and not dead.exists() and tmp.name.startswith(f".adapter.tmp-{F.os.getpid()}-")
+    assert alive.is_dir() and not dead.exists() and tmp.name.startswith(f".adapter.tmp-{os.getpid()}-")
 
 
 def test_replace_dir_exchanges_with_the_previous_directory(tmp_path, monkeypatch):
     """One atomic exchange on Linux; the two-rename fallback elsewhere; both leave only the new directory."""
+    if sys.platform == "linux":
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.mkdir()
+        b.mkdir()
+        (a / "x").write_text("a")
+        assert F._exchange(a, b) and (b / "x").read_text() == "a" and not (a / "x").exists()
     for exchange in (True, False):
         target = tmp_path / f"out-{exchange}"
         target.mkdir()
