@@ -151,10 +151,13 @@ def _adapter_training_config(adapter: Path) -> dict[str, Any]:
     From the card's ``qlora_orpo.training``; for an adapter without a card, from the
     ``config.yaml`` of the run directory around it (``runs/<name>/adapter``).
     """
+    from ..export.adapters import AdapterError, parse_card, refuse_links_out
+
     values: dict[str, Any] = {}
+    if adapter.is_dir():
+        refuse_links_out(adapter)  # before the card is read: a link out is refused, not followed
     card = adapter / "README.md"
     if card.is_file():
-        from ..export.adapters import AdapterError, parse_card
 
         try:
             training = parse_card(card.read_text(encoding="utf-8"), card)["qlora_orpo"].get("training") or {}

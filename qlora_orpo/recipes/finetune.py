@@ -133,18 +133,30 @@ def open_run(
     """The run directory, created with the resolved config in it; on resume, the run's own config and checkpoint.
 
     Rank 0 takes the directory's lock (``core/runlock.py``) and keeps it in ``held`` (or until
-    the process ends): a second run in the same directory is refused while this one trains.
+    the process ends): a second run in the same directory is refused while this one trains,
+    on every rank (rank 0 broadcasts its answer).
     Without ``--resume`` a directory that already holds a run (its config, metrics or
     checkpoints) is refused, even one that died before its first checkpoint.
     """
     if not resume:
         dist.check_export(cfg.export)  # before anything is written (a resume checks its recorded config below)
     run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume, claim=dist.is_main))))  # rank 0's name
+    refusal = ""
     if dist.is_main and (not resume or run_dir.is_dir()):  # a resume of nothing makes no directory
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir).acquire()
-        if held is not None:
-            held.callback(lock.release)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir).acquire()
+            if held is not None:
+                held.callback(lock.release)
+        except UserError as exc:
+            refusal = str(exc)
+        except OSError as exc:
+            refusal = f"{run_dir}: cannot create the run directory ({exc.strerror})"
+    # Rank 0 alone asks for the lock; its answer reaches every rank, or the others would wait
+    # for it in the next barrier until the collective timeout (hours) and then fail obscurely.
+    verdict = dist.broadcast_text(f"refused:{refusal}" if refusal else "ok")  # never empty: a 0-byte broadcast
+    if verdict != "ok":
+        raise UserError(verdict.removeprefix("refused:"))
     # A damaged newest checkpoint (a flipped bit, a truncated file) gives way to the one before, saying so.
     checkpoint = resumable_checkpoint(run_dir, log) if resume else None
     if resume:
