@@ -18,8 +18,9 @@ message (when the chat template is that simple), the default system prompt, and 
 tokens, including the chat template's end-of-turn token (not only EOS).
 
 Verification, before the file is published: a ``python -I`` subprocess that never imports
-``qlora_orpo`` loads the file with plain transformers (``gguf_file=``, which dequantises it),
-checks that its tokenizer encodes a mixed text (spaces, tabs, digits, accents, CJK, the
+``qlora_orpo`` runs the file in llama.cpp itself when ``llama-cpp-python`` is installed
+(:mod:`qlora_orpo.export.gguf_llamacpp`), else loads it with plain transformers (``gguf_file=``,
+which dequantises it); the result names its judge. Either checks that its tokenizer encodes a mixed text (spaces, tabs, digits, accents, CJK, the
 special tokens) and the verification conversations to the same ids, and computes logits and
 greedy continuations (:mod:`qlora_orpo.export.gguf_verify`). The largest absolute logit difference
 from the merged float32 model must stay within its ``gguf_tolerance``; otherwise the export
@@ -40,7 +41,8 @@ import torch
 
 from ..core.files import atomic_write_text
 from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
-from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
+from .gguf_llamacpp import judge_gguf
+from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, build_vocab, render_modelfile, write_vocab
 from .merged import log
 from .verify import VERIFY_MAX_TOKENS, ExportError, encode_texts, reference_logits, verification_texts
@@ -263,20 +265,19 @@ def export_gguf(
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)
             del merged, model, peft_model
             gc.collect()
-            log(f"verifying with plain transformers (gguf_file=) in a subprocess ({len(ids)} texts)")
-            check = compare_read_back(tmp, out, quant, reference, base_logits, vocab.chat_template)
+            check = judge_gguf(tmp, out, quant, reference, base_logits, vocab)  # llama.cpp when installed
         size = tmp.stat().st_size
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     system = ((info.card or {}).get("qlora_orpo", {}).get("training") or {}).get("system_prompt") or None
-    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system))
+    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system, add_bos=vocab.add_bos))
     result = GGUFExportResult(path=str(out), modelfile=str(modelfile), quant=quant, bytes=size,
                               seconds=time.perf_counter() - start, end_of_turn=vocab.end_of_turn, check=check)
     verdict = "not verified"
     if check is not None:
-        verdict = (f"max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
+        verdict = (f"judged by {check.judge}: max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
                    f", top-1 agreement {check.top1_agreement:.3f}, greedy identical {check.greedy_identical}/"
                    f"{check.greedy_runs}")
         if check.adapter_effect <= check.tolerance:
