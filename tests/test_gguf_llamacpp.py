@@ -112,6 +112,26 @@ def test_the_embedded_smollm2_tokenizer_is_named_smollm_by_its_check_hash():
     assert V.build_vocab(tokenizer, len(tokenizer)).pre == "smollm"
 
 
+@needs_llama_cpp
+@pytest.mark.integration
+def test_the_embedded_tokenizer_splits_text_as_smollm2s_own_gguf_does_in_llama_cpp():
+    """The conversion keeps SmolLM2's digit split (transformers' GGUF reader drops it): whitespace before
+    digits (``\\r\\n1``, two spaces then a digit) gets SmolLM2's ids, the ones llama.cpp's ``smollm`` gives."""
+    from transformers import AutoTokenizer
+
+    from qlora_orpo.models.embedded import embedded_gguf_path
+    from qlora_orpo.models.loader import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    text = GV.mixed_text(tokenizer, "<|im_end|>") + " a  12 b\t\t3 c\n\n4 d\r\n5"
+    ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm = load_in_llamacpp(str(embedded_gguf_path()), vocab_only=True)
+    assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours
+    assert tokenizer("\r\n1", add_special_tokens=False)["input_ids"][-1] == tokenizer.convert_tokens_to_ids("1")
+    assert len(tokenizer("\r\n1", add_special_tokens=False)["input_ids"]) == 2  # one \r\n token, not \r and \n
+
+
 def test_tiny_tokenizers_fall_back_to_the_names_llama_cpp_knows():
     for tokenizer, name in ((build_tokenizer(), "gpt-2"), (build_llama3_tokenizer(), "llama-bpe"),
                             (build_qwen2_tokenizer(), "qwen2")):
@@ -171,6 +191,24 @@ def test_a_pre_tokenizer_name_llama_cpp_refuses_fails_the_export(cases, tmp_path
 
     monkeypatch.setattr(G, "build_vocab", old_name)
     with pytest.raises(E.ExportVerificationError, match="unknown pre-tokenizer type: 'gpt2'"):
+        G.export_gguf(cases["llama"]["adapter"], tmp_path / "x.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_llama_cpp
+def test_what_llama_cpp_warns_about_comes_with_its_verdict(cases, tmp_path, monkeypatch):
+    """No pre-tokenizer name: llama.cpp warns and falls back to its default split, which cuts the GPT-2 style
+    tokenizer's mixed text differently; the export fails and its message carries llama.cpp's warning."""
+    build = V.build_vocab
+
+    def no_name(tokenizer, vocab_size):
+        vocab = build(tokenizer, vocab_size)
+        vocab.pre = ""
+        return vocab
+
+    monkeypatch.setattr(G, "build_vocab", no_name)
+    with pytest.raises(E.ExportVerificationError, match=r"differently .*\(llama.cpp warned: load: missing "
+                       r"pre-tokenizer type, using: 'default' \| load: GENERATION QUALITY WILL BE DEGRADED!"):
         G.export_gguf(cases["llama"]["adapter"], tmp_path / "x.gguf", "f16")
     assert list(tmp_path.iterdir()) == []
 

@@ -170,17 +170,27 @@ def judge_with_llamacpp(path: Path, out: Path, quant: str, reference: dict[str, 
     if not report.get("loaded"):
         errors = [e.strip() for e in report.get("errors") or []][-3:]
         raise ExportVerificationError(f"{out}: {judge} cannot load the GGUF: {' | '.join(errors) or 'no reason given'}")
-    if report.get("token_mismatch") is not None:
-        text, at, theirs, ours = report["token_mismatch"]
-        raise ExportVerificationError(f"{out}: llama.cpp tokenises verification text {text} differently at token "
-                                      f"{at} ({theirs} instead of {ours})")
-    _check_bos(report, spec, out, spec["bos_text"], vocab.special_ids.get("bos"))
-    if vocab.chat_template and report.get("chat_template") != vocab.chat_template:
-        raise ExportVerificationError(f"{out}: llama.cpp reads another chat template from the GGUF")
-    if report.get("n_vocab") != len(vocab.tokens):
-        raise ExportVerificationError(f"{out}: llama.cpp sees {report.get('n_vocab')} tokens, the model has {len(vocab.tokens)}")
-    check = score_outputs(logits, report["greedy"], reference, base_logits, quant, out, judge)
-    check.warnings = [w.strip() for w in report.get("warnings") or []]
+    # One line each; the banner lines of a warning ("load: ****") say nothing on their own.
+    warnings = [" ".join(w.split()) for w in report.get("warnings") or []
+                if any(c.isalpha() for c in w.split(":", 1)[-1])]
+    try:
+        if report.get("token_mismatch") is not None:
+            text, at, theirs, ours = report["token_mismatch"]
+            raise ExportVerificationError(f"{out}: llama.cpp tokenises verification text {text} differently at "
+                                          f"token {at} ({theirs} instead of {ours})")
+        _check_bos(report, spec, out, spec["bos_text"], vocab.special_ids.get("bos"))
+        if vocab.chat_template and report.get("chat_template") != vocab.chat_template:
+            raise ExportVerificationError(f"{out}: llama.cpp reads another chat template from the GGUF")
+        if report.get("n_vocab") != len(vocab.tokens):
+            raise ExportVerificationError(f"{out}: llama.cpp sees {report.get('n_vocab')} tokens, the model has "
+                                          f"{len(vocab.tokens)}")
+        check = score_outputs(logits, report["greedy"], reference, base_logits, quant, out, judge)
+    except ExportVerificationError as exc:
+        if not warnings:
+            raise
+        # What llama.cpp warned about while loading the file is usually why it then disagrees.
+        raise ExportVerificationError(f"{exc} (llama.cpp warned: {' | '.join(warnings[:3])})") from exc
+    check.warnings = warnings
     return check
 
 
