@@ -282,6 +282,15 @@ def test_without_llama_cpp_the_transformers_read_back_judges_and_says_so(cases, 
     assert "pip install 'qlora_orpo[gguf]'" in capsys.readouterr().err
 
 
+def test_a_llama_cpp_crash_fails_the_export_not_the_process(cases, tmp_path, monkeypatch):
+    """The judge runs in a subprocess: an abort inside llama.cpp is an export error with its last words."""
+    monkeypatch.setattr(J, "llama_cpp_available", lambda: True)
+    monkeypatch.setattr(J, "LLAMACPP_SCRIPT", "import os, sys; print('ggml_abort: boom', file=sys.stderr); os.abort()")
+    with pytest.raises(E.ExportVerificationError, match=r"llama.cpp crashed on the GGUF \(exit -6\): ggml_abort: boom"):
+        G.export_gguf(cases["qwen2"]["adapter"], tmp_path / "m.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []
+
+
 @needs_llama_cpp
 def test_the_export_command_reports_the_judge(cases, tmp_path, capsys):
     import json
