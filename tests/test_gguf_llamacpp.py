@@ -186,14 +186,14 @@ def test_llama_cpp_reads_our_tokenizer_as_transformers_does(judged, cases, arch)
 @needs_llama_cpp
 def test_a_pre_tokenizer_name_llama_cpp_refuses_fails_the_export(cases, tmp_path, monkeypatch):
     """Today's old name: the transformers read-back passed it, llama.cpp refuses it and so must the export."""
-    build = V.build_vocab
+    build = G.build_any_vocab
 
     def old_name(tokenizer, vocab_size):
         vocab = build(tokenizer, vocab_size)
         vocab.pre = "gpt2"
         return vocab
 
-    monkeypatch.setattr(G, "build_vocab", old_name)
+    monkeypatch.setattr(G, "build_any_vocab", old_name)
     with pytest.raises(E.ExportVerificationError, match="unknown pre-tokenizer type: 'gpt2'"):
         G.export_gguf(cases["llama"]["adapter"], tmp_path / "x.gguf", "f16")
     assert list(tmp_path.iterdir()) == []
@@ -203,14 +203,14 @@ def test_a_pre_tokenizer_name_llama_cpp_refuses_fails_the_export(cases, tmp_path
 def test_what_llama_cpp_warns_about_comes_with_its_verdict(cases, tmp_path, monkeypatch):
     """No pre-tokenizer name: llama.cpp warns and falls back to its default split, which cuts the GPT-2 style
     tokenizer's mixed text differently; the export fails and its message carries llama.cpp's warning."""
-    build = V.build_vocab
+    build = G.build_any_vocab
 
     def no_name(tokenizer, vocab_size):
         vocab = build(tokenizer, vocab_size)
         vocab.pre = ""
         return vocab
 
-    monkeypatch.setattr(G, "build_vocab", no_name)
+    monkeypatch.setattr(G, "build_any_vocab", no_name)
     with pytest.raises(E.ExportVerificationError, match=r"differently .*\(llama.cpp warned: load: missing "
                        r"pre-tokenizer type, using: 'default' \| load: GENERATION QUALITY WILL BE DEGRADED!"):
         G.export_gguf(cases["llama"]["adapter"], tmp_path / "x.gguf", "f16")
