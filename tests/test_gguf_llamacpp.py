@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CORPUS, build_tiny_llama, build_tokenizer
+from gguf_family_cases import FAMILIES
+from gguf_family_cases import make_case as family_case_for
 from test_gguf_export import build_qwen2_tokenizer, build_tiny_qwen2, make_case
 
 from qlora_orpo.export import gguf as G
@@ -223,6 +225,27 @@ def test_a_broken_permutation_fails_in_llama_cpp(cases, tmp_path, monkeypatch):
     with pytest.raises(E.ExportVerificationError, match=r"logits \(llama.cpp .*differ from the merged model"):
         G.export_gguf(cases["llama3"]["adapter"], tmp_path / "x.gguf", "f32")
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_judges_every_family_at_f32(tmp_path, name):
+    """The other families' files (gguf_families, gguf_spm), verified by the export itself in llama.cpp:
+    Llama 3.1 rope_freqs, SentencePiece (the ``first`` scheme compared after a BOS), Gemma's GELU table."""
+    case = family_case_for(tmp_path, name)
+    check = G.export_gguf(case["adapter"], tmp_path / "m.gguf", "f32").check
+    assert check.judge.startswith("llama.cpp") and check.max_abs_diff <= check.tolerance
+    assert check.top1_agreement == 1.0 and check.adapter_effect > check.tolerance
+
+
+def test_llama_cpps_tolerance_adds_its_own_rounding_to_the_files():
+    file_q8, file_f16 = GV.gguf_tolerance("q8_0", 2.0), GV.gguf_tolerance("f16", 2.0)
+    assert J.llamacpp_tolerance("f32", 2.0, "llama") == GV.gguf_tolerance("f32", 2.0)  # float32 throughout
+    f32_part = GV.gguf_tolerance("f32", 2.0)
+    assert J.llamacpp_tolerance("q8_0", 2.0, "qwen2") == pytest.approx(f32_part + 2 * (file_q8 - f32_part))
+    assert J.llamacpp_tolerance("f16", 2.0, "llama") == pytest.approx(f32_part + 2 * (file_f16 - f32_part))
+    gelu = J.llamacpp_tolerance("f32", 2.0, "gemma2") - J.llamacpp_tolerance("f32", 2.0, "llama")
+    assert gelu == pytest.approx(file_f16 - f32_part)  # one float16 rounding of the MLP activations
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,6 +171,9 @@ def reference_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     spec = {"check_texts": check, "check_ids": [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in check],
             "ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens,
             "stop_ids": _stop_ids(model)}
+    if tokenizer.bos_token:  # each text after a BOS, as a runtime that always adds one sees it (gguf_llamacpp)
+        spec["check_ids_after_bos"] = [list(tokenizer(tokenizer.bos_token + t, add_special_tokens=False)["input_ids"])
+                                       for t in check]
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     return {"spec": spec, "logits": reference_logits(model, ids), "greedy": _greedy(model, prompts, greedy_tokens), "tied": tied}
 
@@ -183,11 +187,16 @@ def compare_read_back(path: Path, out: Path, quant: str, reference: dict[str, An
 
 
 def score_outputs(logits: list[torch.Tensor], greedy: list[list[int]], reference: dict[str, Any],
-                  base_logits: list[torch.Tensor], quant: str, out: Path, judge: str) -> GGUFCheck:
-    """A judge's logits ``(seq, vocab)`` and greedy continuations against ``reference``; raises above tolerance."""
+                  base_logits: list[torch.Tensor], quant: str, out: Path, judge: str,
+                  tolerance_of: Callable[[str, float], float] = gguf_tolerance) -> GGUFCheck:
+    """A judge's logits ``(seq, vocab)`` and greedy continuations against ``reference``; raises above tolerance.
+
+    ``tolerance_of(quant, max|reference logit|)``: the file's rounding (:func:`gguf_tolerance`)
+    plus whatever the judge's own arithmetic adds.
+    """
     ref = reference["logits"]
     scale = max(float(r.abs().max()) for r in ref)
-    tol = gguf_tolerance(quant, scale)
+    tol = tolerance_of(quant, scale)
     max_diff = max(float((a - b).abs().max()) for a, b in zip(logits, ref, strict=True))
     if not max_diff <= tol:  # also catches NaN
         raise ExportVerificationError(
