@@ -148,7 +148,7 @@ def test_tensor_names_types_and_tied_embeddings(exports, arch):
     fields = reader.fields
     assert fields["general.architecture"].contents() == arch
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert fields["tokenizer.ggml.pre"].contents() == {"llama": "gpt2", "qwen2": "qwen2"}[arch]
+    assert fields["tokenizer.ggml.pre"].contents() == {"llama": "gpt-2", "qwen2": "qwen2"}[arch]
     model, _ = read_gguf(exports[(arch, "f32")].path)
     assert model.config.tie_word_embeddings == (arch == "llama")
 
@@ -236,7 +236,7 @@ def test_an_unsupported_architecture_is_refused_on_one_line(tmp_path):
 
 
 def test_an_unknown_pre_tokenizer_is_refused():
-    with pytest.raises(V.VocabError, match="pre-tokenizer .*Metaspace.* supported: gpt2"):
+    with pytest.raises(V.VocabError, match="pre-tokenizer .*Metaspace.* supported: gpt-2"):
         V.pre_tokenizer_name({"type": "Metaspace", "replacement": "\u2581"})
 
 

@@ -292,8 +292,10 @@ def test_transformers_read_back_verifies_what_it_can_read(cases, tmp_path):
                                              ("gemma2", "soft-capping"), ("gemma3", "local rope base"),
                                              ("phi3", "partial rotary")])
 def test_a_read_back_that_cannot_see_the_family_is_refused_not_trusted(cases, tmp_path, monkeypatch, name, blind):
+    from qlora_orpo.export import gguf_llamacpp
     from qlora_orpo.models import loader
 
+    monkeypatch.setattr(gguf_llamacpp, "llama_cpp_available", lambda: False)  # llama.cpp would judge these itself
     monkeypatch.setattr(loader, "load_base", lambda *a, **k: pytest.fail("weights loaded before the refusal"))
     with pytest.raises(E.ExportError, match=f"transformers' GGUF reader cannot verify.*{blind}") as info:
         G.export_gguf(cases[name]["adapter"], tmp_path / "x.gguf", "f32")

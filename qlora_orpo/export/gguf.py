@@ -19,8 +19,9 @@ message (when the chat template is that simple), the default system prompt, and 
 tokens, including the chat template's end-of-turn token (not only EOS).
 
 Verification, before the file is published: a ``python -I`` subprocess that never imports
-``qlora_orpo`` loads the file with plain transformers (``gguf_file=``, which dequantises it),
-checks that its tokenizer encodes a mixed text (spaces, tabs, digits, accents, CJK, the
+``qlora_orpo`` runs the file in llama.cpp itself when ``llama-cpp-python`` is installed
+(:mod:`qlora_orpo.export.gguf_llamacpp`), else loads it with plain transformers (``gguf_file=``,
+which dequantises it); the result names its judge. Either checks that its tokenizer encodes a mixed text (spaces, tabs, digits, accents, CJK, the
 special tokens) and the verification conversations to the same ids, and computes logits and
 greedy continuations (:mod:`qlora_orpo.export.gguf_verify`). The largest absolute logit difference
 from the merged float32 model must stay within its ``gguf_tolerance``; otherwise the export
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from ..core.files import atomic_write_text
+from . import gguf_llamacpp  # through the module, so that tests can make llama.cpp absent
 from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
 from .gguf_families import (
     FAMILY_ARCHS,
@@ -53,7 +55,7 @@ from .gguf_families import (
     write_family_metadata,
 )
 from .gguf_spm import build_any_vocab, write_any_vocab
-from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
+from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, render_modelfile
 from .merged import log
 from .verify import VERIFY_MAX_TOKENS, ExportError, encode_texts, reference_logits, verification_texts
@@ -245,10 +247,12 @@ def export_gguf(
         vocab = build_any_vocab(tokenizer, config.vocab_size)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
-    blind = transformers_blind_spot(config, arch, getattr(vocab, "space_scheme", None)) if verify else None
+    # Only the transformers read-back has blind spots; llama.cpp, when installed, judges every family.
+    judged_by_transformers = verify and not gguf_llamacpp.llama_cpp_available()
+    blind = transformers_blind_spot(config, arch, getattr(vocab, "space_scheme", None)) if judged_by_transformers else None
     if blind:  # refuse before loading weights rather than fail (or pass) a check that cannot see the difference
         raise ExportError(f"base {base_path}: transformers' GGUF reader cannot verify this {arch} file ({blind}); "
-                          "verify it in llama.cpp (llama-cpp-python) or export without verification")
+                          "install llama.cpp to judge it (pip install 'qlora_orpo[gguf]') or export without verification")
     model = load_base(base_path, "none", "cpu", torch.float32)  # merged in float32, never into 4-bit weights
     log(f"base {base_path} (float32, CPU); adapter {info.path}; GGUF {arch} {quant}")
     peft_model = load_adapter(model, tokenizer, info.path, force=force).eval()
@@ -271,20 +275,19 @@ def export_gguf(
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)
             del merged, model, peft_model
             gc.collect()
-            log(f"verifying with plain transformers (gguf_file=) in a subprocess ({len(ids)} texts)")
-            check = compare_read_back(tmp, out, quant, reference, base_logits, vocab.chat_template)
+            check = gguf_llamacpp.judge_gguf(tmp, out, quant, reference, base_logits, vocab)  # llama.cpp when installed
         size = tmp.stat().st_size
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     system = ((info.card or {}).get("qlora_orpo", {}).get("training") or {}).get("system_prompt") or None
-    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system))
+    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system, add_bos=vocab.add_bos))
     result = GGUFExportResult(path=str(out), modelfile=str(modelfile), quant=quant, bytes=size,
                               seconds=time.perf_counter() - start, end_of_turn=vocab.end_of_turn, check=check)
     verdict = "not verified"
     if check is not None:
-        verdict = (f"max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
+        verdict = (f"judged by {check.judge}: max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
                    f", top-1 agreement {check.top1_agreement:.3f}, greedy identical {check.greedy_identical}/"
                    f"{check.greedy_runs}")
         if check.adapter_effect <= check.tolerance:

@@ -16,7 +16,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ class GGUFCheck:
     greedy_prefix: float  # mean share of each continuation generated before the first difference
     adapter_effect: float  # max |merged - base| logit difference, to judge what the check can see
     tokens_compared: int
+    judge: str = "transformers"  # who ran the file: "transformers" (read-back) or "llama.cpp <version>"
+    warnings: list[str] = field(default_factory=list)  # what the judge warned about while loading the file
 
 
 def gguf_tolerance(quant: str, logit_scale: float) -> float:
@@ -153,13 +156,24 @@ def _greedy(model: PreTrainedModel, prompts: list[list[int]], tokens: int) -> li
 
 
 
+def _stop_ids(model: PreTrainedModel) -> list[int]:
+    """The ids ``generate`` stops at (generation config's EOS), for a judge that runs its own greedy loop."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else model.config.eos_token_id
+    return [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+
+
 def reference_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                       ids: list[list[int]], end_of_turn: str | None, greedy_tokens: int) -> dict[str, Any]:
     """What the read-back must reproduce: the subprocess's inputs (``spec``) and the merged model's outputs."""
     prompts = [seq[: max(1, len(seq) // 2)] for seq in ids]
     check = [mixed_text(tokenizer, end_of_turn), *texts]
     spec = {"check_texts": check, "check_ids": [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in check],
-            "ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens}
+            "ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens,
+            "stop_ids": _stop_ids(model)}
+    if tokenizer.bos_token:  # each text after a BOS, as a runtime that always adds one sees it (gguf_llamacpp)
+        spec["check_ids_after_bos"] = [list(tokenizer(tokenizer.bos_token + t, add_special_tokens=False)["input_ids"])
+                                       for t in check]
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     return {"spec": spec, "logits": reference_logits(model, ids), "greedy": _greedy(model, prompts, greedy_tokens), "tied": tied}
 
@@ -169,23 +183,34 @@ def compare_read_back(path: Path, out: Path, quant: str, reference: dict[str, An
     """Read ``path`` back in a subprocess and compare with ``reference``; :class:`ExportVerificationError` on failure."""
     logits, report = read_back(path, reference["spec"])
     _check_report(report, out, chat_template, reference["tied"])
+    return score_outputs(logits, report["greedy"], reference, base_logits, quant, out, "transformers")
+
+
+def score_outputs(logits: list[torch.Tensor], greedy: list[list[int]], reference: dict[str, Any],
+                  base_logits: list[torch.Tensor], quant: str, out: Path, judge: str,
+                  tolerance_of: Callable[[str, float], float] = gguf_tolerance) -> GGUFCheck:
+    """A judge's logits ``(seq, vocab)`` and greedy continuations against ``reference``; raises above tolerance.
+
+    ``tolerance_of(quant, max|reference logit|)``: the file's rounding (:func:`gguf_tolerance`)
+    plus whatever the judge's own arithmetic adds.
+    """
     ref = reference["logits"]
     scale = max(float(r.abs().max()) for r in ref)
-    tol = gguf_tolerance(quant, scale)
+    tol = tolerance_of(quant, scale)
     max_diff = max(float((a - b).abs().max()) for a, b in zip(logits, ref, strict=True))
     if not max_diff <= tol:  # also catches NaN
         raise ExportVerificationError(
-            f"{out}: GGUF logits differ from the merged model by up to {max_diff:.3g}, above the {quant} "
-            f"tolerance {tol:.3g} (max |logit| {scale:.3g}); nothing was written")
+            f"{out}: GGUF logits ({judge}) differ from the merged model by up to {max_diff:.3g}, above the "
+            f"{quant} tolerance {tol:.3g} (max |logit| {scale:.3g}); nothing was written")
     compared = sum(len(r) for r in ref)
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, ref, strict=True))
-    pairs = list(zip(report["greedy"], reference["greedy"], strict=True))
+    pairs = list(zip(greedy, reference["greedy"], strict=True))
     return GGUFCheck(
         max_abs_diff=max_diff, tolerance=tol, logit_scale=scale, top1_agreement=agree / compared,
         greedy_identical=sum(a == b for a, b in pairs), greedy_runs=len(pairs),
         greedy_prefix=sum(_common_prefix(a, b) / max(1, len(b)) for a, b in pairs) / max(1, len(pairs)),
         adapter_effect=max(float((r - b).abs().max()) for r, b in zip(ref, base_logits, strict=True)),
-        tokens_compared=compared,
+        tokens_compared=compared, judge=judge,
     )
 
 
