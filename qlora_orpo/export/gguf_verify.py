@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import GGUF_QUANTS
 from .verify import EPS, ROUNDING_FACTOR, ExportError, ExportVerificationError, reference_logits, tolerance
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-QUANTS = ("f32", "f16", "q8_0")
+QUANTS = GGUF_QUANTS
 Q8_0_EPS = 1.0 / 127  # one Q8_0 step relative to the largest |weight| of its block of 32
 Q8_0_FACTOR = 16.0
 GREEDY_TOKENS = 24
