@@ -194,11 +194,11 @@ def test_mix_fallbacks_for_rows_the_blocks_do_not_divide():
     assert pick("blk.0.attn_v.weight", (192, 576), "q4_k_m") == "Q8_0"  # the Q6_K bump falls back too
     assert pick("blk.4.ffn_down.weight", (576, 1536), "q4_k_m") == "Q4_K"  # 1536 = 6 * 256 fits (layer 5 of 30 is bumped)
     assert pick("token_embd.weight", (49152, 576), "q4_k_m", tied=True) == "Q8_0"  # output rule: not / 256
-    assert pick("output.weight", (49152, 576), "q4_0") == "Q6_K"  # q4_0's block is 32: 576 fits, so Q6_K ...
-    assert pick("output.weight", (49152, 800), "q4_0") == "Q8_0"  # ... and Q6_K's fallback where 256 does not
+    assert pick("output.weight", (49152, 1024), "q4_0") == "Q6_K"  # the output rule asks for Q6_K ...
+    assert pick("output.weight", (49152, 576), "q4_0") == "Q8_0"  # ... then Q6_K's fallback, as 256 does not
     for quant in ("q4_k_m", "q5_k_m", "q6_k", "q4_0", "q5_0", "q8_0"):
         assert pick("blk.5.attn_q.weight", (48, 48), quant) == "F16"  # not even 32 fits
-    assert pick("blk.5.attn_v.weight", (1024, 8192), "q4_k_m", llm_type_70b=True) == "Q5_K"  # 70B bump
+    assert pick("blk.4.attn_v.weight", (1024, 8192), "q4_k_m", llm_type_70b=True) == "Q5_K"  # 70B bump
     assert pick("blk.5.attn_q.weight", (8192, 8192), "q4_k_m", llm_type_70b=True) == "Q4_K"
     assert M.is_70b("llama", 80, 64, 8) and not M.is_70b("llama", 80, 64, 64) and not M.is_70b("llama", 32, 32, 8)
     with pytest.raises(ValueError, match="quant: 'q3_k_m' is not one of"):

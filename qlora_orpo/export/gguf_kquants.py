@@ -31,7 +31,7 @@ import numpy as np
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # below this |max| a group is all zeros (ggml-quants.c)
-CHUNK_BLOCKS = 8192  # super-blocks per vectorised pass: bounds the temporaries to tens of MB
+CHUNK_BLOCKS = 1024  # super-blocks per vectorised pass: temporaries of 1 MB stay in cache
 F32 = np.float32
 
 
@@ -44,6 +44,16 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         bits = (np.asarray(v, dtype=F32) + F32(12582912.0)).view(np.int32)
     return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _levels(v: np.ndarray, low: int, high: int) -> np.ndarray:
+    """``clamp(nearest_int(v), low, high)`` as float32, for ``v`` the reference keeps within ``|v| < 2**22``.
+
+    ``np.rint`` rounds half to even like :func:`nearest_int` there, in half the array passes; the
+    callers' ``v`` stay within a few steps of the code range (scales come from the data's own range).
+    """
+    out = np.rint(v)
+    return np.clip(out, low, high, out=out)
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
@@ -91,13 +101,13 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F32(nmax) / (hi - lo)
         scale = F32(1) / iscale
-        codes = np.clip(nearest_int(iscale * (x - lo)), 0, nmax).astype(F32)  # float32: int32 * f32 is f64
+        codes = _levels(iscale * (x - lo), 0, nmax)
         diff = scale * codes + lo - x
         best = _seq_sum(w * (diff * diff))
         for step in range(nstep + 1):
             # (rmin + rdelta*is) + nmax, each product and sum in float32 as written in C
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - lo)
-            trial = np.clip(nearest_int(iscale * (x - lo)), 0, nmax).astype(F32)
+            trial = _levels(iscale * (x - lo), 0, nmax)
             wl = w * trial
             sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * trial), _seq_sum(wl * x)
             det = sum_w * sum_l2 - sum_l * sum_l
@@ -132,7 +142,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = weight * x
 
     def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        levels = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
+        levels = _levels(iscale * x, -nmax, nmax - 1)
         return levels, _seq_sum(wx * levels), _seq_sum(weight * levels * levels)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
