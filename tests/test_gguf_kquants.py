@@ -20,8 +20,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
 from conftest import build_tiny_llama, build_tokenizer
-from test_gguf_export import build_qwen2_tokenizer, build_tiny_qwen2, make_case
+from test_gguf_export import IDS, build_qwen2_tokenizer, build_tiny_qwen2, make_case, max_diff, read_gguf
 
 from qlora_orpo.config import GGUF_QUANTS, OrpoConfig
 from qlora_orpo.export import gguf as G
@@ -244,7 +245,11 @@ def test_cli_q4_k_m_export_verifies_and_uses_the_mix(wide, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     check = json.loads(captured.out)["check"]
-    assert check["max_abs_diff"] <= check["tolerance"] and check["adapter_effect"] > check["tolerance"]
+    assert check["max_abs_diff"] <= check["tolerance"] and check["top1_agreement"] > 0.4
+    model, _ = read_gguf(str(out))  # independently of the exporter: the adapter is in there
+    with torch.no_grad():
+        logits = [model(torch.tensor([ids])).logits[0] for ids in IDS]
+    assert max_diff(logits, wide["reference"]) < 0.5 * max_diff(logits, wide["plain"])
     types, file_type = gguf_types(out)
     assert file_type == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert types["token_embd.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
@@ -273,33 +278,41 @@ def test_fallback_heavy_qwen2_q4_k_m_verifies(tmp_path):
     assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_q.bias"] == "F32"
 
 
-def test_bytes_and_types_match_llama_cpp_quantize(wide, tmp_path):
-    """Our q4_k_m/q5_k_m/q6_k/q4_0 of an F32 GGUF against llama.cpp's ``llama_model_quantize`` of the same file."""
+@pytest.mark.parametrize("family", ["llama-256-tied", "qwen2-64"])
+def test_bytes_and_types_match_llama_cpp_quantize(family, tmp_path):
+    """Every mix of an F32 GGUF against llama.cpp's ``llama_model_quantize`` of the same file, tensor for tensor.
+
+    The tied 256-wide Llama exercises the K-quants, the Q6_K bumps and the tied-embedding rule; the
+    64-wide Qwen2 (untied, biases) the fallbacks (Q5_0, Q5_1, Q8_0).
+    """
     import ctypes
 
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: no byte comparison "
                                     "with llama.cpp (the golden hashes above still pin the reference bytes)")
-    from transformers import AutoModelForCausalLM
-
     from qlora_orpo.export.gguf_vocab import build_vocab
 
-    model = AutoModelForCausalLM.from_pretrained(wide["root"] / "base")
+    if family == "qwen2-64":
+        model, tokenizer, arch = build_tiny_qwen2(), build_qwen2_tokenizer(), "qwen2"
+    else:
+        model, tokenizer, arch = build_tiny_llama(hidden=256, layers=8, tie=True), build_tokenizer(), "llama"
     f32 = tmp_path / "f32.gguf"
-    G.write_gguf(f32, model, build_vocab(wide["tokenizer"], model.config.vocab_size), "llama", "f32", "t", "none")
+    G.write_gguf(f32, model, build_vocab(tokenizer, model.config.vocab_size), arch, "f32", "t", "none")
     source = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(f32)).tensors}
     tied = "output.weight" not in source
-    for quant in ("q4_k_m", "q5_k_m", "q6_k", "q4_0"):
+    assert tied == (family == "llama-256-tied")
+    for quant in M.MIXES:
         out = tmp_path / f"{quant}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = G.FILE_TYPES[quant]
-        params.nthread = 1
+        params.ftype, params.nthread = G.FILE_TYPES[quant], 1
         assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
         theirs = gguf.GGUFReader(str(out))
         assert int(theirs.fields["general.file_type"].contents()) == G.FILE_TYPES[quant]
+        compared = set()
         for tensor in theirs.tensors:
             data = source[tensor.name]
-            ours = M.tensor_type(tensor.name, data.shape, quant, 8, tied=tied)
+            ours = M.tensor_type(tensor.name, data.shape, quant, model.config.num_hidden_layers, tied=tied)
             assert T(tensor.tensor_type) == ours, (quant, tensor.name)
-            if ours != T.F32:
-                mine = K.quantize(data, ours)
-                assert np.array_equal(mine.reshape(-1), np.array(tensor.data).view(np.uint8).reshape(-1)), (quant, tensor.name)
+            mine = K.quantize(data, ours).reshape(-1).view(np.uint8) if ours != T.F32 else data.view(np.uint8).reshape(-1)
+            assert np.array_equal(mine, np.array(tensor.data).view(np.uint8).reshape(-1)), (quant, tensor.name)
+            compared.add(ours.name)
+        assert len(theirs.tensors) == len(source) and compared - {"F32"}, (quant, compared)
