@@ -172,7 +172,7 @@ EXPECTED = {
 def test_mix_picks_llama_cpp_types(quant, n_layer):
     default, output, embd, embd_tied, more = EXPECTED[quant]
     for tied in (False, True):
-        def pick(name, shape):
+        def pick(name, shape, tied=tied):
             return M.tensor_type(name, shape, quant, n_layer, tied=tied).name
 
         assert pick("token_embd.weight", (128256, HIDDEN)) == (embd_tied if tied else embd)

@@ -104,22 +104,33 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         codes = _levels(iscale * (x - lo), 0, nmax)
         diff = scale * codes + lo - x
         best = _seq_sum(w * (diff * diff))
+        # In-place buffers: the loop is memory-bound, so no temporaries of (n, G) inside it.
+        trial, work, wl = np.empty_like(x), np.empty_like(x), np.empty_like(x)
         for step in range(nstep + 1):
             # (rmin + rdelta*is) + nmax, each product and sum in float32 as written in C
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - lo)
-            trial = _levels(iscale * (x - lo), 0, nmax)
-            wl = w * trial
-            sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * trial), _seq_sum(wl * x)
+            np.subtract(x, lo, out=trial)
+            trial *= iscale
+            np.rint(trial, out=trial)  # as nearest_int: the values stay within a step of [0, nmax]
+            np.clip(trial, 0, nmax, out=trial)
+            np.multiply(w, trial, out=wl)
+            sum_l = _seq_sum(wl)
+            sum_l2 = _seq_sum(np.multiply(wl, trial, out=work))
+            sum_xl = _seq_sum(np.multiply(wl, x, out=work))
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0  # a positive min is refitted as zero with the scale alone
             this_min = np.where(positive, F32(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            diff = this_scale * trial + this_min - x
-            err = _seq_sum(w * (diff * diff))
+            np.multiply(this_scale, trial, out=work)  # diff = this_scale * L + this_min - x
+            work += this_min
+            work -= x
+            np.multiply(work, work, out=work)
+            work *= w
+            err = _seq_sum(work)
             better = (det > 0) & (err < best) & ~flat
-            codes = np.where(better, trial, codes)
+            np.copyto(codes, trial, where=better)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
@@ -141,9 +152,13 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     weight = x * x
     wx = weight * x
 
+    work = np.empty_like(x)
+
     def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         levels = _levels(iscale * x, -nmax, nmax - 1)
-        return levels, _seq_sum(wx * levels), _seq_sum(weight * levels * levels)
+        sumlx = _seq_sum(np.multiply(wx, levels, out=work))
+        np.multiply(weight, levels, out=work)  # (w * l) * l, the C order
+        return levels, sumlx, _seq_sum(np.multiply(work, levels, out=work))
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         levels, sumlx, suml2 = fit(F32(-nmax) / peak)
@@ -152,7 +167,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         for step in (*range(-9, 0), *range(1, 10)):
             trial, slx, sl2 = fit(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            levels = np.where(better, trial, levels)
+            np.copyto(levels, trial, where=better)
             scale = np.where(better, slx / sl2, scale)
             best = np.where(better, scale * slx, best)
     codes = np.where(zero, 0, levels + nmax).astype(np.uint8)
