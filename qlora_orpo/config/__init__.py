@@ -26,6 +26,10 @@ EMBEDDED = "embedded"
 REPORT_TO = ("none", "tensorboard", "wandb")  # the metrics sinks (training/metrics.py)
 
 
+# GGUF types of the matrices (--quant, gguf_quant): plain, then llama.cpp's mixes by name, largest first.
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0")
+
+
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, nargs: str | None = None) -> Any:
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
@@ -215,7 +219,8 @@ class OrpoConfig:
         "(gguf), verified with plain transformers. true/false from older configs mean merged/none.",
         ("none", "merged", "gguf"),
     )
-    gguf_quant: str = _f("f16", "GGUF type of the matrices when export is gguf (norms stay F32).", ("f32", "f16", "q8_0"))
+    gguf_quant: str = _f("f16", "GGUF type of the matrices when export is gguf (norms stay F32); q4_k_m etc. "
+                         "pick a type per tensor as llama.cpp's llama-quantize does.", GGUF_QUANTS)
     # --- generation health and checkpoint selection (health.py, selection.py) -----------------
     health_prompts: int = _f(
         16,

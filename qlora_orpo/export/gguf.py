@@ -10,8 +10,10 @@ Mistral), ``qwen2``, Gemma-2, Gemma-3 (text) and Phi-3, with what each family ad
 ``q_proj`` and ``k_proj`` are permuted per head (the two rotary halves interleaved), as
 llama.cpp's ``convert_hf_to_gguf.py`` does; Qwen2's llama.cpp graph uses the transformers
 ("neox") layout, so it is written unpermuted. Norms and biases are always F32; ``--quant``
-applies to matrices (Q8_0 falls back to F16 for a row length that is not a multiple of 32,
-as llama.cpp does). Tied embeddings are written once as ``token_embd`` with no ``output``
+applies to matrices: f32, f16, or a mix chosen per tensor as llama.cpp's ``llama-quantize``
+chooses it (:mod:`qlora_orpo.export.gguf_mix`: q8_0, q6_k, q5_k_m, q4_k_m, q5_0, q4_0, with
+llama.cpp's fallbacks for row lengths its blocks do not divide), the K-quants written by
+:mod:`qlora_orpo.export.gguf_kquants`. Tied embeddings are written once as ``token_embd`` with no ``output``
 tensor, which is how llama.cpp and transformers recognise them.
 
 An Ollama ``Modelfile`` is written beside the file: the template as plain text around each
@@ -54,6 +56,8 @@ from .gguf_families import (
     transformers_blind_spot,
     write_family_metadata,
 )
+from .gguf_kquants import quantize
+from .gguf_mix import is_70b, tensor_type
 from .gguf_spm import build_any_vocab, write_any_vocab
 from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, reference_outputs
 from .gguf_vocab import MODELFILE_HEADER, Vocab, render_modelfile
@@ -63,7 +67,8 @@ from .verify import VERIFY_MAX_TOKENS, ExportError, encode_texts, reference_logi
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+# gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q6_K, MOSTLY_Q5_K_M, MOSTLY_Q4_K_M, MOSTLY_Q5_0, MOSTLY_Q4_0
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q5_0": 8, "q4_0": 2}
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", **FAMILY_ARCHS}  # model_type -> GGUF arch
 PERMUTE_QK = {"llama"}  # GGUF archs whose llama.cpp graph wants llama.cpp's rotary row order
 OURS_KEY = "qlora_orpo.adapter"  # marks a file as our export, so that a later export may replace it
@@ -146,16 +151,24 @@ def gguf_tensors(model: PreTrainedModel, arch: str) -> dict[str, torch.Tensor]:
     return {**tensors, **extra_tensors(config, arch)}
 
 
-def encode_tensor(name: str, tensor: torch.Tensor, quant: str) -> tuple[np.ndarray, Any]:
-    """``(data, ggml type)`` of one tensor: 1-D in F32 (norms, biases), matrices in ``quant``."""
+def encode_tensor(name: str, tensor: torch.Tensor, quant: str, n_layer: int = 0, *, tied: bool = False,
+                  llm_type_70b: bool = False) -> tuple[np.ndarray, Any]:
+    """``(data, ggml type)`` of one tensor: 1-D in F32 (norms, biases), matrices in ``quant``'s type for them.
+
+    ``n_layer``, ``tied`` and ``llm_type_70b`` feed the mix rules (:func:`~qlora_orpo.export.gguf_mix.tensor_type`).
+    """
     import gguf
 
     array = tensor.float().cpu().numpy()
     F = gguf.GGMLQuantizationType
     if array.ndim == 1 or quant == "f32":
         return array, F.F32
-    if quant == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[F.Q8_0][0] == 0:
-        return gguf.quants.quantize(array, F.Q8_0), F.Q8_0
+    qtype = F.F16 if quant == "f16" else tensor_type(name, array.shape, quant, n_layer, tied=tied,
+                                                      llm_type_70b=llm_type_70b)
+    if qtype == F.F32:
+        return array, F.F32
+    if qtype != F.F16:
+        return quantize(array, qtype), qtype
     half = array.astype(np.float16)
     if not np.isfinite(half).all():
         raise ExportError(f"{name}: a weight is out of float16 range; export with --quant f32")
@@ -190,8 +203,11 @@ def write_gguf(path: Path, model: PreTrainedModel, vocab: Vocab, arch: str, quan
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_family_metadata(writer, config, arch)
     write_any_vocab(writer, vocab)
-    for tensor_name, tensor in gguf_tensors(model, arch).items():
-        data, qtype = encode_tensor(tensor_name, tensor, quant)
+    tensors = gguf_tensors(model, arch)
+    big = is_70b(arch, config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads)
+    for tensor_name, tensor in tensors.items():
+        data, qtype = encode_tensor(tensor_name, tensor, quant, config.num_hidden_layers,
+                                    tied="output.weight" not in tensors, llm_type_70b=big)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

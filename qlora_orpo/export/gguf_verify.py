@@ -23,14 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import GGUF_QUANTS
 from .verify import EPS, ROUNDING_FACTOR, ExportError, ExportVerificationError, reference_logits, tolerance
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-QUANTS = ("f32", "f16", "q8_0")
+QUANTS = GGUF_QUANTS
 Q8_0_EPS = 1.0 / 127  # one Q8_0 step relative to the largest |weight| of its block of 32
 Q8_0_FACTOR = 16.0
+# The mixes: one code step of the mix's default type relative to the largest |weight| its block
+# spans (Q6_K: 64 levels over [-max, max]; Q5_K/Q4_K: 31/15 steps over [min, max], up to 2 max;
+# Q5_0/Q4_0: 32/16 levels over [-max, max]), and the allowed multiple of it: twice the largest
+# multiple measured (gguf_tolerance's docstring).
+MIX_STEP = {"q6_k": 1 / 32, "q5_k_m": 2 / 31, "q4_k_m": 2 / 15, "q5_0": 1 / 16, "q4_0": 1 / 8}
+MIX_FACTOR = {"q6_k": 13.0, "q5_k_m": 10.0, "q4_k_m": 8.0, "q5_0": 16.0, "q4_0": 10.0}
 GREEDY_TOKENS = 24
 
 
@@ -70,6 +77,19 @@ def gguf_tolerance(quant: str, logit_scale: float) -> float:
       That is loose enough to let a weak adapter's effect hide (the export then logs a note,
       as the merged export does for bfloat16); a wrong permutation, a missing tensor or a
       mis-tied embedding still moves logits by far more.
+    * The mixes (``q6_k``, ``q5_k_m``, ``q4_k_m``, ``q5_0``, ``q4_0``): as ``q8_0``, with the step of the
+      mix's default type (:data:`MIX_STEP`) and a multiple (:data:`MIX_FACTOR`) twice the largest
+      measured. Measured max difference / (step * max(1, max|logit|)), on the 64-wide random Llama
+      and Qwen2 (where rows of 64 send the K-quants to their Q5_0/Q5_1/Q8_0 fallbacks), two 8-layer
+      256-wide random Llamas (untied, then tied; real K-quants) and SmolLM2-135M + shipped adapter:
+      q6_k 1.5, 1.9, 2.3, 6.3, 1.4; q5_k_m 4.6, 4.0, 1.9, 3.0, 2.3; q4_k_m 3.7, 2.1, 2.1, 3.5,
+      0.9; q5_0 7.8, 4.4, 2.8, 3.9, 2.2; q4_0 4.9, 3.9, 3.0, 4.4, 2.1. The bounds come to
+      0.41 (q6_k), 0.65 (q5_k_m), 1.07 (q4_k_m), 1.0 (q5_0) and 1.25 (q4_0) times max|logit| (on
+      SmolLM2, max|logit| 47.4: measured 2.0, 7.2, 5.8, 6.5, 12.6 against 19.3, 30.6, 50.6, 47.4,
+      59.3). At 4 and 5 bits the random test models' near-flat logits move by half their scale, so
+      this check only catches breakage that moves logits by more than their own size (a missing or
+      mis-permuted tensor on a real model) and cannot see a missing adapter (the export logs the
+      note); top-1 agreement and greedy runs are reported beside it.
     """
     if quant not in QUANTS:
         raise ExportError(f"quant: {quant!r} is not one of {', '.join(QUANTS)}")
@@ -79,6 +99,8 @@ def gguf_tolerance(quant: str, logit_scale: float) -> float:
         bound += ROUNDING_FACTOR * EPS["float16"] * scale
     elif quant == "q8_0":
         bound += Q8_0_FACTOR * Q8_0_EPS * scale
+    elif quant in MIX_STEP:
+        bound += MIX_FACTOR[quant] * MIX_STEP[quant] * scale
     return bound
 
 
