@@ -5,7 +5,7 @@ ARGS ?=
 .PHONY: setup finetune test lint dry-run
 
 setup:
-	@bash scripts/setup_env.sh dev,bench
+	@bash scripts/setup_env.sh dev,bench,wandb,gguf
 
 finetune: setup
 	$(PY) scripts/finetune.py --config configs/quickstart.yaml $(ARGS)

@@ -34,6 +34,16 @@ def bad(tmp_path_factory) -> Path:
 
     save_file({"w": torch.zeros(1)}, str(adapter / "adapter_model.safetensors"))
     (adapter / "README.md").write_text("---\nqlora_orpo: !!python/object/apply:os.system [echo hostile]\n---\n")
+    (root / "outside.json").write_text(json.dumps({"secret": "not the adapter's"}))
+    save_file({"w": torch.zeros(1)}, str(root / "outside.safetensors"))
+    for name, linked in (("link-weights", "adapter_model.safetensors"), ("link-tokenizer", "tokenizer_config.json")):
+        linking = root / f"{name}-adapter"  # otherwise the tagged adapter with a plain card
+        linking.mkdir()
+        (linking / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+        save_file({"w": torch.zeros(1)}, str(linking / "adapter_model.safetensors"))
+        (linking / "README.md").write_text("---\nqlora_orpo: {}\n---\n")
+        (linking / linked).unlink(missing_ok=True)
+        (linking / linked).symlink_to(root / ("outside.safetensors" if linked.endswith("safetensors") else "outside.json"))
     notjson = root / "notjson-adapter"
     notjson.mkdir()
     (notjson / "adapter_config.json").write_text("{not json")
@@ -73,10 +83,13 @@ CASES = [
     (["chat", "--adapter", "{b}/tagged-adapter"], "README.md: cannot parse"),
     (["eval", "--adapter", "{b}/nowhere"], "nowhere"),
     (["nonsense"], "invalid choice: 'nonsense'"),
+    *[([command, "--adapter", "{b}/" + f"{name}-adapter", *extra], f"{name}-adapter/{linked}: a symlink to")
+      for command, extra in (("chat", []), ("eval", []), ("export", ["--out", "{b}/out/merged"]))
+      for name, linked in (("link-weights", "adapter_model.safetensors"), ("link-tokenizer", "tokenizer_config.json"))],
 ]
 
 
-@pytest.mark.parametrize(("argv", "expected"), CASES, ids=[" ".join(a[:3]) for a, _ in CASES])
+@pytest.mark.parametrize(("argv", "expected"), CASES, ids=[" ".join(a[:3]).replace("{b}/", "") for a, _ in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad, argv, expected, capsys, monkeypatch):
     monkeypatch.chdir(bad)  # a default output_dir ("runs") would land here
     out = bad / "out"

@@ -125,3 +125,21 @@ def test_plan_takes_model_as_a_flag_like_every_other_subcommand(llama3_dir, caps
             main(argv)
         assert exc.value.code == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_plan_predicts_each_step_mode_and_what_auto_would_pick(llama3_dir, capsys):
+    shape = P.model_shape(P.read_model_config(str(llama3_dir))[0], "x")
+    peak = {mode: P.predict_mode(shape, 2048, 1, mode, reserve_gib=0.5).peak_bytes for mode in P.STEP_MODES}
+    # One side alive (split) < both sides (sequential); a shared row at its widest holds 2L - 1 tokens.
+    assert peak["split"] < peak["sequential"]
+    assert peak["shared"] == pytest.approx(peak["sequential"], rel=0.05)  # as many tokens alive
+    assert P.shared_row_tokens(2048) == 4095 and P.shared_row_tokens(512, pack_tokens=4096) == 4096
+    assert P.auto_mode(shape, 2048, 1, peak["shared"] + 1, reserve_gib=0.5) == "shared"
+    between = (peak["split"] + min(peak["sequential"], peak["shared"])) // 2
+    assert P.auto_mode(shape, 2048, 1, between, reserve_gib=0.5) == "split"
+    assert P.auto_mode(shape, 2048, 1, peak["split"] - 1, reserve_gib=0.5) is None
+    assert main(["plan", "--model", str(llama3_dir), "--max-length", "2048", "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    for mode in P.STEP_MODES:
+        assert f"| --step {mode} |" in out
+    assert "--step auto in 24 GiB, float32:" in out

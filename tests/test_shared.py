@@ -171,3 +171,28 @@ def test_evaluation_in_the_shared_layout_gives_the_same_scores(nll_over_prompt):
                     (shared.chosen_logps, shared.rejected_logps, shared.chosen_nll), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert model.training  # score_pairs puts the model back as it found it
+
+
+def test_accumulating_packed_rows_of_different_pair_counts_gives_the_mean_over_pairs():
+    """Two micro-batches of two pairs, one packed into a single row and one into two rows, each
+    backward scaled by 1/grad_accum as the loop does: the gradient of the mean loss over all four."""
+    model, tokenizer = lora_model("llama3")
+    pairs = tokenized_pairs(tokenizer)
+    pad = tokenizer.pad_token_id
+    lengths = [shared_length(p) for p in pairs]
+    budget = max(lengths[0] + lengths[1], max(lengths))  # pairs 0+1 share a row; 2 and 3 cannot
+    assert lengths[2] + lengths[3] > budget
+    rows = [pack_shared(pairs[i:i + 2], pad, pack_tokens=budget).input_ids.shape[0] for i in (0, 2)]
+    assert rows == [1, 2]
+
+    def grads(mode, micro_batches, scale, **kw):
+        model.zero_grad(set_to_none=True)
+        step = OrpoStep(model, beta=0.5, mode=mode, chunk_size=5, pad_token_id=pad, **kw)
+        losses = [step(collate_pairs(mb, pad), loss_scale=scale).loss for mb in micro_batches]
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (whole,), want = grads("sequential", [pairs], 1.0)
+    losses, got = grads("shared", [pairs[:2], pairs[2:]], 0.5, pack_tokens=budget)
+    torch.testing.assert_close(sum(losses) / 2, whole, rtol=1e-5, atol=1e-6)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

@@ -75,3 +75,38 @@ def test_shared_when_its_rows_fit_and_the_two_sequence_modes_otherwise():
     no_pairs = collate_pairs(random_pairs(1), pad_token_id=0)
     no_pairs.pairs = ()  # a batch built without its pairs cannot be laid out shared
     assert chooser(10_000, shared=True)(no_pairs) == "sequential"
+
+
+def test_an_out_of_memory_pass_is_retried_leaner_with_nothing_left_behind_and_remembered(monkeypatch):
+    """A shared pass that runs out of memory halfway through its backward (after some LoRA
+    gradients were written) is retried as sequential; the accumulated gradient is exactly the
+    one of a run that never failed, and later micro-batches are never laid out shared again."""
+    model = tiny_lora_model()
+    first, second = random_pairs(2, seed=3), random_pairs(2, seed=4)
+    pick = chooser(100_000, shared=True)
+    assert pick(collate_pairs(first, 0)) == "shared"
+    pick.counts["shared"] = 0
+
+    def grads_of(step, batches):
+        model.zero_grad(set_to_none=True)
+        for b in batches:
+            step(collate_pairs(b, 0), loss_scale=0.5)
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    backwards, failures = [], []
+
+    def backward(loss):
+        backwards.append(True)
+        loss.backward()  # gradients written...
+        if len(backwards) == 2:  # ...then the device "runs out": the second micro-batch's shared pass
+            failures.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    step = OrpoStep(model, beta=0.5, mode="auto", chunk_size=5, choose=pick, backward=backward)
+    third = random_pairs(2, seed=5)
+    got = grads_of(step, [first, second, third])
+    want = grads_of(OrpoStep(model, beta=0.5, mode="sequential", chunk_size=5), [first, second, third])
+    assert failures and pick.retries == [("shared", "sequential")] and pick.ceiling == "sequential"
+    assert pick.counts == {"shared": 1, "sequential": 2, "split": 0}  # the third chose leaner at once
+    assert "1 out-of-memory retry (shared->sequential), at most sequential since" in pick.describe()
+    assert_grads_close(got, want)

@@ -20,7 +20,7 @@ PARSER_KWARGS: dict[str, Any] = {
     "argument_default": argparse.SUPPRESS,
     "allow_abbrev": False,
 }
-ACTION_ARGS = ("adapter", "config", "force", "json_out", "progress", "show_replies", "markdown_out")
+ACTION_ARGS = ("adapter", "config", "force", "json_out", "progress", "show_replies", "markdown_out", "test")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--config", default=None, help="YAML/JSON config file (e.g. a run's config.yaml); flags override it")
     add("--data", dest="data", nargs="+", help="preference data (as qlora-orpo train --data)")
     add("--eval-fraction", dest="eval_fraction", type=float, help="share held out, as in training")
+    add("--test", action="store_true", default=False,
+        help="evaluate on the run's test split (the test_fraction share of --data) instead of the held-out split")
+    add("--test-fraction", dest="test_fraction", type=float, help="the test split's share, as in training")
     add("--eval-data", dest="eval_data", nargs="+",
         help="evaluate on this data instead of a held-out share of --data (every form --data takes)")
     add("--max-pairs", "--eval-max-pairs", dest="eval_max_pairs", type=int,
@@ -77,7 +80,7 @@ def run(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         info = read_adapter(actions["adapter"], require_card=not actions["force"])
         if info.card is not None:
             cfg.model = resolve_base(info)  # the card's base: the path trained from, else its name
-    result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"])
+    result = run_evaluation(cfg, actions["adapter"], actions["force"], actions["progress"], actions["test"])
     table = markdown_report(result, actions["show_replies"])
     if actions["markdown_out"]:
         atomic_write_text(Path(actions["markdown_out"]), table + "\n")

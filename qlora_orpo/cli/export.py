@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from ..config import GGUF_QUANTS
 from ..core.errors import command
 from .parsing import OneLineParser
 
@@ -27,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "gguf-lora: the adapter alone as llama.cpp's LoRA GGUF (--lora, Ollama ADAPTER), in F32; "
                         "--quant is then the base GGUF's.")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored weights (merged only).")
-    parser.add_argument("--quant", choices=("f32", "f16", "q8_0"), default="f16",
-                        help="GGUF type of the matrices; norms stay F32 (gguf only).")
+    parser.add_argument("--quant", choices=GGUF_QUANTS, default="f16",
+                        help="GGUF type of the matrices; norms stay F32; q4_k_m etc. pick a type per tensor as "
+                        "llama.cpp's llama-quantize does (gguf only).")
     parser.add_argument("--base", default=None,
                         help="Base model to merge into (directory, 'embedded' or hub id); default: the card's.")
     parser.add_argument("--force", action="store_true", help="Merge even if the base's fingerprint differs.")

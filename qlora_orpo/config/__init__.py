@@ -26,6 +26,10 @@ EMBEDDED = "embedded"
 REPORT_TO = ("none", "tensorboard", "wandb")  # the metrics sinks (training/metrics.py)
 
 
+# GGUF types of the matrices (--quant, gguf_quant): plain, then llama.cpp's mixes by name, largest first.
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0")
+
+
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, nargs: str | None = None) -> Any:
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
@@ -88,6 +92,12 @@ class OrpoConfig:
         0.05,
         "Share of pairs held out for evaluation, chosen by a fixed hash of each pair's text "
         "(stable across runs, seeds and row order). 0 disables evaluation.",
+    )
+    test_fraction: float = _f(
+        0.0,
+        "Share of --data kept as a test split (the same fixed hash, from the other end): never trained on, "
+        "never seen by periodic evaluation, select_best or sweeps; the base and the shipped adapter are "
+        "scored on it once at the end (test.json, test.md). 0 = no test split.",
     )
     eval_max_pairs: int = _f(0, "At most this many held-out pairs are evaluated (0 = all).")
     # --- sequence lengths ------------------------------------------------------------------
@@ -210,7 +220,8 @@ class OrpoConfig:
         "in gguf_quant and a Modelfile (gguf-lora). true/false from older configs mean merged/none.",
         ("none", "merged", "gguf", "gguf-lora"),
     )
-    gguf_quant: str = _f("f16", "GGUF type of the matrices when export is gguf (norms stay F32).", ("f32", "f16", "q8_0"))
+    gguf_quant: str = _f("f16", "GGUF type of the matrices when export is gguf (norms stay F32); q4_k_m etc. "
+                         "pick a type per tensor as llama.cpp's llama-quantize does.", GGUF_QUANTS)
     # --- generation health and checkpoint selection (health.py, selection.py) -----------------
     health_prompts: int = _f(
         16,
@@ -242,6 +253,10 @@ class OrpoConfig:
         self._check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         self._check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf)
         self._check_range("eval_fraction", self.eval_fraction, 0.0, 0.9)
+        self._check_range("test_fraction", self.test_fraction, 0.0, 0.9)
+        if self.eval_fraction + self.test_fraction > 0.9:
+            raise ConfigError(f"test_fraction: {self.test_fraction} with eval_fraction {self.eval_fraction} "
+                              "leaves less than a tenth of --data to train on; lower one of them")
         self._check_range("lora_dropout", self.lora_dropout, 0.0, 0.9)
         self._check_range("epochs", self.epochs, 0.0, 1e6, low_open=True)
         for name in ("max_steps", "eval_max_pairs", "eval_every", "save_every", "memory_budget_mib", "max_prompt_length",

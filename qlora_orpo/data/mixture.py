@@ -9,18 +9,20 @@ several sources every skipped row names its source, so each message points at on
 
 The held-out pairs are, without ``eval_data``, the hash share of the training pairs
 (:func:`~qlora_orpo.data.preferences.split_holdout`); with it, all of ``eval_data``, and training
-keeps all of ``data``. :func:`shared_pairs` counts the pairs that are in both.
+keeps all of ``data``. :func:`shared_pairs` counts the pairs that are in both. A ``test_fraction``
+takes its test split out of ``data`` first (:func:`~qlora_orpo.data.preferences.split_test`, the
+other end of the same hash), so neither training nor the held-out share ever holds a test pair.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.sources import DataSource, DataValue, describe_value, parse_sources
-from .preferences import PreferenceData, PreferencePair, load_preferences, split_holdout
+from .preferences import PreferenceData, PreferencePair, load_preferences, split_holdout, split_test
 
 
 def sources_of(cfg: Any, value: DataValue | None = None) -> list[DataSource]:
@@ -71,6 +73,7 @@ class RunData:
     train: list[PreferencePair]
     held_out: list[PreferencePair]
     eval_data: PreferenceData | None  # the --eval-data file's, when one is given
+    test: list[PreferencePair] = field(default_factory=list)  # the test_fraction share of data: scored once, at the end
 
     @property
     def held_out_from(self) -> str:
@@ -85,12 +88,14 @@ def load_run_data(cfg: Any) -> RunData:
     with ``cfg.system_prompt`` given to the prompts without a system turn."""
     data = load_sources(sources_of(cfg), cfg.strict, cfg.seed)
     eval_data = load_eval_data(cfg) if cfg.eval_data else None
+    # Before the system prompt, so that the splits are the same with or without one.
+    rest, test = split_test(data.pairs, getattr(cfg, "test_fraction", 0.0))
     if eval_data is None:
-        train, held = split_holdout(data.pairs, cfg.eval_fraction)  # before the system prompt: same split
+        train, held = split_holdout(rest, cfg.eval_fraction)
     else:
-        train, held = list(data.pairs), list(eval_data.pairs)
+        train, held = rest, list(eval_data.pairs)
     return RunData(data, add_system_prompt(train, cfg.system_prompt), add_system_prompt(held, cfg.system_prompt),
-                   eval_data)
+                   eval_data, add_system_prompt(test, cfg.system_prompt))
 
 
 def add_system_prompt(pairs: list[PreferencePair], text: str) -> list[PreferencePair]:

@@ -204,6 +204,26 @@ def split_holdout(
     return train, held
 
 
+def split_test(
+    pairs: list[PreferencePair], test_fraction: float
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Split into (the rest, test), each in the input order: the test split for ``test_fraction``.
+
+    The same hash as :func:`split_holdout`, from the other end: a pair is a test pair when its
+    bucket is among the highest ``test_fraction`` of 10,000, so the test split never meets the
+    held-out split (the lowest buckets) while ``eval_fraction + test_fraction <= 1``, and the
+    held-out split is the same pairs with or without a test split.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    first_test_bucket = _HOLDOUT_BUCKETS - round(test_fraction * _HOLDOUT_BUCKETS)
+    rest: list[PreferencePair] = []
+    test: list[PreferencePair] = []
+    for pair in pairs:
+        (test if _holdout_bucket(pair) >= first_test_bucket else rest).append(pair)
+    return rest, test
+
+
 def _holdout_bucket(pair: PreferencePair) -> int:
     prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in pair.prompt)
     key = HOLDOUT_SALT + prompt_text + pair.chosen + pair.rejected

@@ -51,6 +51,13 @@ def _change(change: dict[str, Any] | None, base: dict[str, Any], adapter: dict[s
 
 def heading(result: dict[str, Any]) -> str:
     settings, pairs = result["settings"], result["pairs"]
+    if pairs.get("split") == "test":
+        return (
+            f"Test split: {pairs['evaluated']} pairs (of {pairs['held_out']} kept out at test_fraction "
+            f"{settings.get('test_fraction')} from {pairs['data']}; never trained on, never used to select), "
+            f"max_length {settings['max_length']}, beta {settings['beta']}, "
+            f"{'unquantised' if settings['quant'] == 'none' else settings['quant']} base."
+        )
     held = (f"of {pairs['held_out']} in the evaluation data {pairs['data']}" if settings.get("eval_data") else
             f"of {pairs['held_out']} held out at eval_fraction {settings['eval_fraction']} from {pairs['data']}")
     return (

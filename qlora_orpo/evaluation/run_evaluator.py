@@ -62,10 +62,10 @@ class RunEvaluator:
         self.best = BestCheckpoint(run_dir, resumed_step) if cfg.select_best and self.pairs else None
 
     # -- measurements ------------------------------------------------------------------------
-    def _scores(self) -> PairScores:
+    def _scores(self, pairs: Sequence[TokenizedPair] | None = None) -> PairScores:
         cfg = self.cfg
         return score_pairs(
-            self.model, self.pairs, self.tokenizer.pad_token_id, self.device, cfg.eval_batch_size,
+            self.model, self.pairs if pairs is None else list(pairs), self.tokenizer.pad_token_id, self.device, cfg.eval_batch_size,
             cfg.logits_chunk_size, cfg.nll_over_prompt, pad_to_multiple_of=cfg.pad_to_multiple_of,
             forward=self.sharded.root if self.sharded is not None else None,  # through FSDP2's hooks
             progress=self.writes,  # one progress bar, rank 0's
@@ -193,10 +193,57 @@ class RunEvaluator:
             "selected_step": selected,
             "steps": step,
         }
+        self._publish("evaluation", result)
+        return metrics, result
+
+    def test(self, step: int, test_tok: Sequence[TokenizedPair], test_count: int, selected: int | None,
+             source: str) -> dict | None:
+        """Score the adapter to ship and the base once on the test split; ``test.json``/``test.md``.
+
+        The test pairs took no part in training, periodic evaluation or ``select_best``, so
+        this is the run's one unbiased figure. No health replies: the gate is a selection tool.
+        """
+        pairs = list(test_tok)
+        if not pairs:
+            return None
+        scores = self._scores(pairs)
+        base = self._test_base(pairs)
+        result = {
+            "settings": {name: getattr(self.cfg, name) for name in EVAL_FIELDS},
+            "pairs": {"data": source, "held_out": test_count, "evaluated": len(pairs), "split": "test"},
+            "base": summarise_scores(base, self.cfg.beta),
+            "adapter": summarise_scores(scores, self.cfg.beta),
+            "change": compare_scores(base, scores, self.cfg.beta),
+            "health": None, "selected_step": selected if selected is not None else step, "steps": step,
+        }
+        change = result["change"]["reward_accuracy"]
+        self.metrics_log.log({"step": step, "split": "test", "pairs": len(pairs),
+                              "base_reward_accuracy": result["base"]["reward_accuracy"],
+                              "reward_accuracy": result["adapter"]["reward_accuracy"],
+                              "reward_accuracy_change": change["change"], "reward_accuracy_change_low": change["low"],
+                              "reward_accuracy_change_high": change["high"]})
+        self._publish("test", result)
+        return result
+
+    def _test_base(self, pairs: list[TokenizedPair]) -> PairScores:
+        """The base's scores on the test pairs: from the evaluation cache, else with the adapter off."""
+        key = None
+        if bool(getattr(self.cfg, "eval_cache", False)) and self.sharded is None:
+            key = base_cache.cache_key(self.model, self.tokenizer, self.cfg, pairs, [], self.device)
+            hit = base_cache.load(key)
+            if hit is not None and len(hit[0].chosen_logps) == len(pairs):
+                self.log(f"test: the base's scores on {len(pairs)} test pairs come from the cache")
+                return hit[0]
+        with self.model.disable_adapter():
+            base = self._scores(pairs)
+        if key is not None and self.writes:
+            base_cache.store(key, base, None)
+        return base
+
+    def _publish(self, name: str, result: dict[str, Any]) -> None:
+        """Print the result's table and (rank 0) write ``<name>.json`` and ``<name>.md``."""
         report = markdown_report(result)
         self.log("\n" + report)
-        if not self.writes:
-            return metrics, result
-        atomic_write_text(self.run_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
-        atomic_write_text(self.run_dir / "evaluation.md", report + "\n")
-        return metrics, result
+        if self.writes:
+            atomic_write_text(self.run_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
+            atomic_write_text(self.run_dir / f"{name}.md", report + "\n")

@@ -185,7 +185,8 @@ def compare_scores(base: PairScores, adapter: PairScores, beta: float, confidenc
 # The config fields that decide what is evaluated and how; the rest of a run's config is ignored.
 EVAL_FIELDS = (
     "model", "data", "data_split", "prompt_field", "chosen_field", "rejected_field", "strict",
-    "eval_fraction", "eval_data", "eval_max_pairs", "max_length", "max_prompt_length", "beta", "nll_over_prompt",
+    "eval_fraction", "test_fraction", "eval_data", "eval_max_pairs", "max_length", "max_prompt_length", "beta",
+    "nll_over_prompt",
     "quant", "compute_dtype", "device", "logits_chunk_size", "eval_batch_size", "pad_to_multiple_of",
     "health_prompts", "health_max_new_tokens", "chat_template", "system_prompt",
 )

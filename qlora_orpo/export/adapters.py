@@ -20,17 +20,16 @@ The fingerprint (``models/fingerprint.py``) and the card (``card.py``) have thei
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import AdapterError, AdapterMismatchError, UserError
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, make_temp_dir, replace_dir, write_failure
 from ..models.fingerprint import (
     FINGERPRINT_FIELDS,
     describe_differences,
@@ -89,6 +88,7 @@ def read_adapter(adapter_dir: str | Path, require_card: bool = True) -> AdapterI
     path = Path(adapter_dir)
     if not path.is_dir():
         raise AdapterError(f"{path}: no such adapter directory")
+    refuse_links_out(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterError(f"{config_path}: missing; an adapter directory needs peft's {CONFIG_FILE}")
@@ -117,6 +117,16 @@ def read_adapter(adapter_dir: str | Path, require_card: bool = True) -> AdapterI
     except (OSError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{card_path}: cannot read it ({exc})") from None
     return AdapterInfo(path, peft_config, parse_card(text, card_path))
+
+
+def refuse_links_out(path: Path) -> None:
+    """A symlink in an adapter directory must stay inside it: one that points elsewhere would make
+    chat, eval or export read (and an export copy) a file the adapter's owner never shipped."""
+    root = path.resolve()
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+            raise AdapterError(f"{entry}: a symlink to {entry.resolve()}, outside the adapter directory; "
+                               "copy the file into the directory instead")
 
 
 def local_record_path(adapter_dir: Path) -> Path:
@@ -188,18 +198,23 @@ def save_adapter(
     ``state_dict``: the weights to write instead of the model's own, keyed as its
     ``state_dict()`` (a sharded model's, gathered whole: ``sharded_state.py``).
 
-    The files are written into a temporary sibling directory and renamed into place, so
-    ``adapter_dir`` is never half written (a previous adapter there is replaced only once the
-    new one is complete). ``adapter_config.json`` names the base by its hub id where one is
+    The files are written into a temporary sibling directory, read back, and exchanged with
+    ``adapter_dir`` (``core/files.py``), so ``adapter_dir`` is never half written: a previous
+    adapter there is replaced only once the new one is complete. A failed write (a full disk)
+    is an :class:`AdapterError` naming the file, and leaves the previous adapter as it was.
+    ``adapter_config.json`` names the base by its hub id where one is
     known, else by its directory's name; the local paths trained from go to the local record
     beside the directory (:data:`LOCAL_SUFFIX`), never into it.
     """
+    from safetensors import SafetensorError
+
     from ..models.loader import quiet_checkpointing_renames
 
     target = Path(adapter_dir)
     meta = card_metadata(model, tokenizer, cfg, data, metrics, evaluation)
     base_name = meta.get("base_model") or meta["qlora_orpo"]["base"]["name"]
     tmp = make_temp_dir(target)
+    writing = WEIGHTS_FILE  # what a failed write was writing, where its error does not say (safetensors)
     try:
         with quiet_checkpointing_renames():
             if state_dict is None:
@@ -213,13 +228,26 @@ def save_adapter(
         atomic_write_text(config_path, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
         if cfg is not None and cfg.chat_template:
             # The chosen template travels with the adapter: chat, eval and export read it from here.
+            writing = "the tokenizer files"
             tokenizer.save_pretrained(str(tmp))
         atomic_write_text(tmp / CARD_FILE, render_card(meta))  # replaces peft's generic card
+        writing = "the directory (reading it back, or renaming it into place)"
+        check_written_safetensors(tmp)
         replace_dir(tmp, target)
-        atomic_write_text(local_record_path(target), json.dumps(local_paths(model, cfg, data), indent=2) + "\n")
+    except (OSError, SafetensorError) as exc:  # a full disk: safetensors raises its own error type
+        kept = "the previous adapter there is kept" if (target / WEIGHTS_FILE).is_file() else "none was there before"
+        message = write_failure(target, exc, kept, writing)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AdapterError(message) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    record = local_record_path(target)
+    try:
+        atomic_write_text(record, json.dumps(local_paths(model, cfg, data), indent=2) + "\n")
+    except OSError as exc:  # the adapter itself is whole; only the note of where it came from is missing
+        raise AdapterError(f"{record}: could not write it ({exc.strerror}); the adapter {target} is written, "
+                           "but export and eval will need the base passed explicitly") from exc
     return target
 
 
@@ -229,38 +257,23 @@ def adapter_tokenizer_dir(adapter_dir: str | Path) -> Path | None:
     return path if (path / TOKENIZER_FILE).is_file() else None
 
 
-def make_temp_dir(target: Path) -> Path:
-    """An empty sibling of ``target`` to write into, with the permissions a plain mkdir would give."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
-    return tmp
+def check_written_safetensors(directory: Path, full: bool = True) -> None:
+    """Read back every safetensors file written under ``directory`` before it is published.
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Replace ``target`` (if any) by the complete directory ``new`` with renames only.
-
-    Files in ``new`` get the umask's permissions first: safetensors writes its files 0600,
-    which would keep an adapter or an export from other users of a shared machine.
+    ``full`` loads every tensor (an adapter: megabytes); otherwise only the headers and the
+    file lengths they imply (a merged model: gigabytes). Raises ``SafetensorError`` or
+    ``OSError`` naming nothing, caught with the write's own errors.
     """
-    mode = 0o666 & ~_umask()
-    for path in new.iterdir():
-        if path.is_file():
-            path.chmod(mode)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    for path in sorted(directory.rglob("*.safetensors")):
+        if full:
+            if not load_file(str(path)):
+                raise OSError(errno.EIO, "holds no tensors after writing", str(path))
+        else:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
 
 
 # ---------------------------------------------------------------------------------------------

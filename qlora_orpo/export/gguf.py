@@ -2,15 +2,18 @@
 
 :func:`export_gguf` merges the adapter into the float32 base exactly as
 :func:`~qlora_orpo.export.merged.export_merged` does, then writes the merged weights with the ``gguf``
-package alone (no llama.cpp build): architecture metadata, the tokenizer
-(:mod:`qlora_orpo.export.gguf_vocab`), and each tensor under its GGUF name. Supported: the Llama
-family (``llama``, ``mistral``: SmolLM, Llama, Mistral with a byte-level BPE tokenizer) and
-``qwen2``. For ``llama``, llama.cpp's rotary layout differs from transformers': the rows of
+package alone (no llama.cpp build): architecture metadata, the tokenizer (byte-level BPE in
+:mod:`qlora_orpo.export.gguf_vocab`, SentencePiece in :mod:`qlora_orpo.export.gguf_spm`), and each
+tensor under its GGUF name. Supported: the Llama family (``llama``, ``mistral``: SmolLM, Llama 2/3/3.1/3.2,
+Mistral), ``qwen2``, Gemma-2, Gemma-3 (text) and Phi-3, with what each family adds in
+:mod:`qlora_orpo.export.gguf_families`. For ``llama``, llama.cpp's rotary layout differs from transformers': the rows of
 ``q_proj`` and ``k_proj`` are permuted per head (the two rotary halves interleaved), as
 llama.cpp's ``convert_hf_to_gguf.py`` does; Qwen2's llama.cpp graph uses the transformers
 ("neox") layout, so it is written unpermuted. Norms and biases are always F32; ``--quant``
-applies to matrices (Q8_0 falls back to F16 for a row length that is not a multiple of 32,
-as llama.cpp does). Tied embeddings are written once as ``token_embd`` with no ``output``
+applies to matrices: f32, f16, or a mix chosen per tensor as llama.cpp's ``llama-quantize``
+chooses it (:mod:`qlora_orpo.export.gguf_mix`: q8_0, q6_k, q5_k_m, q4_k_m, q5_0, q4_0, with
+llama.cpp's fallbacks for row lengths its blocks do not divide), the K-quants written by
+:mod:`qlora_orpo.export.gguf_kquants`. Tied embeddings are written once as ``token_embd`` with no ``output``
 tensor, which is how llama.cpp and transformers recognise them.
 
 An Ollama ``Modelfile`` is written beside the file: the template as plain text around each
@@ -18,8 +21,9 @@ message (when the chat template is that simple), the default system prompt, and 
 tokens, including the chat template's end-of-turn token (not only EOS).
 
 Verification, before the file is published: a ``python -I`` subprocess that never imports
-``qlora_orpo`` loads the file with plain transformers (``gguf_file=``, which dequantises it),
-checks that its tokenizer encodes a mixed text (spaces, tabs, digits, accents, CJK, the
+``qlora_orpo`` runs the file in llama.cpp itself when ``llama-cpp-python`` is installed
+(:mod:`qlora_orpo.export.gguf_llamacpp`), else loads it with plain transformers (``gguf_file=``,
+which dequantises it); the result names its judge. Either checks that its tokenizer encodes a mixed text (spaces, tabs, digits, accents, CJK, the
 special tokens) and the verification conversations to the same ids, and computes logits and
 greedy continuations (:mod:`qlora_orpo.export.gguf_verify`). The largest absolute logit difference
 from the merged float32 model must stay within its ``gguf_tolerance``; otherwise the export
@@ -39,17 +43,33 @@ import numpy as np
 import torch
 
 from ..core.files import atomic_write_text
+from . import gguf_llamacpp  # through the module, so that tests can make llama.cpp absent
 from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
-from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, compare_read_back, reference_outputs
-from .gguf_vocab import MODELFILE_HEADER, Vocab, build_vocab, render_modelfile, write_vocab
+from .gguf_families import (
+    FAMILY_ARCHS,
+    NORM_PLUS_ONE,
+    check_family,
+    extra_tensors,
+    rope_dimension_count,
+    rope_parameters,
+    shift_norm,
+    transformers_blind_spot,
+    write_family_metadata,
+)
+from .gguf_kquants import quantize
+from .gguf_mix import is_70b, tensor_type
+from .gguf_spm import build_any_vocab, write_any_vocab
+from .gguf_verify import GREEDY_TOKENS, QUANTS, GGUFCheck, reference_outputs
+from .gguf_vocab import MODELFILE_HEADER, Vocab, render_modelfile
 from .merged import log
 from .verify import VERIFY_MAX_TOKENS, ExportError, encode_texts, reference_logits, verification_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
-SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers model_type -> GGUF arch
+# gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q6_K, MOSTLY_Q5_K_M, MOSTLY_Q4_K_M, MOSTLY_Q5_0, MOSTLY_Q4_0
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q5_0": 8, "q4_0": 2}
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", **FAMILY_ARCHS}  # model_type -> GGUF arch
 PERMUTE_QK = {"llama"}  # GGUF archs whose llama.cpp graph wants llama.cpp's rotary row order
 OURS_KEY = "qlora_orpo.adapter"  # marks a file as our export, so that a later export may replace it
 
@@ -79,22 +99,12 @@ def gguf_arch(config: Any, where: str) -> str:
     if model_type not in SUPPORTED:
         raise ExportError(f"{where}: architecture {model_type!r} cannot be exported to GGUF; "
                           f"supported: {', '.join(SUPPORTED)}")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise ExportError(f"{where}: rope scaling {rope_type!r} is not supported by the GGUF export")
-    if model_type != "qwen2" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
-        raise ExportError(f"{where}: {model_type} with attention/mlp biases is not supported by the GGUF export")
-    if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-        raise ExportError(f"{where}: qwen2 with use_sliding_window is not supported by the GGUF export")
+    check_family(config, model_type, SUPPORTED[model_type], where)  # rope types, biases, family rules
     return SUPPORTED[model_type]
 
 
 def _rope_theta(config: Any) -> float:
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
+    return float(rope_parameters(config).get("rope_theta", 10000.0))  # of the global layers (Gemma-3)
 
 
 def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -137,20 +147,28 @@ def gguf_tensors(model: PreTrainedModel, arch: str) -> dict[str, torch.Tensor]:
             data = permute_qk(data, kv_heads)
         if target in tensors:
             raise ExportError(f"{name}: GGUF name {target} is used twice")
-        tensors[target] = data
-    return tensors
+        tensors[target] = shift_norm(arch, name, data)
+    return {**tensors, **extra_tensors(config, arch)}
 
 
-def encode_tensor(name: str, tensor: torch.Tensor, quant: str) -> tuple[np.ndarray, Any]:
-    """``(data, ggml type)`` of one tensor: 1-D in F32 (norms, biases), matrices in ``quant``."""
+def encode_tensor(name: str, tensor: torch.Tensor, quant: str, n_layer: int = 0, *, tied: bool = False,
+                  llm_type_70b: bool = False) -> tuple[np.ndarray, Any]:
+    """``(data, ggml type)`` of one tensor: 1-D in F32 (norms, biases), matrices in ``quant``'s type for them.
+
+    ``n_layer``, ``tied`` and ``llm_type_70b`` feed the mix rules (:func:`~qlora_orpo.export.gguf_mix.tensor_type`).
+    """
     import gguf
 
     array = tensor.float().cpu().numpy()
     F = gguf.GGMLQuantizationType
     if array.ndim == 1 or quant == "f32":
         return array, F.F32
-    if quant == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[F.Q8_0][0] == 0:
-        return gguf.quants.quantize(array, F.Q8_0), F.Q8_0
+    qtype = F.F16 if quant == "f16" else tensor_type(name, array.shape, quant, n_layer, tied=tied,
+                                                      llm_type_70b=llm_type_70b)
+    if qtype == F.F32:
+        return array, F.F32
+    if qtype != F.F16:
+        return quantize(array, qtype), qtype
     half = array.astype(np.float16)
     if not np.isfinite(half).all():
         raise ExportError(f"{name}: a weight is out of float16 range; export with --quant f32")
@@ -177,15 +195,19 @@ def write_gguf(path: Path, model: PreTrainedModel, vocab: Vocab, arch: str, quan
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:  # llama.cpp assumes hidden / heads unless told
+    writer.add_rope_dimension_count(rope_dimension_count(config, arch))
+    if head_dim != config.hidden_size // heads or arch in NORM_PLUS_ONE:  # llama.cpp: hidden / heads unless told
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_file_type(FILE_TYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_vocab(writer, vocab)
-    for tensor_name, tensor in gguf_tensors(model, arch).items():
-        data, qtype = encode_tensor(tensor_name, tensor, quant)
+    write_family_metadata(writer, config, arch)
+    write_any_vocab(writer, vocab)
+    tensors = gguf_tensors(model, arch)
+    big = is_70b(arch, config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads)
+    for tensor_name, tensor in tensors.items():
+        data, qtype = encode_tensor(tensor_name, tensor, quant, config.num_hidden_layers,
+                                    tied="output.weight" not in tensors, llm_type_70b=big)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -246,9 +268,15 @@ def export_gguf(
         config = AutoConfig.from_pretrained(base_path)
         arch = gguf_arch(config, f"base {base_path}")  # refuse before loading weights
         tokenizer = AutoTokenizer.from_pretrained(adapter_tokenizer_dir(info.path) or base_path)  # its template
-        vocab = build_vocab(tokenizer, config.vocab_size)
+        vocab = build_any_vocab(tokenizer, config.vocab_size)
     except (OSError, ValueError) as exc:
         raise ExportError(f"base {base_path}: cannot load ({str(exc).splitlines()[0]})") from exc
+    # Only the transformers read-back has blind spots; llama.cpp, when installed, judges every family.
+    judged_by_transformers = verify and not gguf_llamacpp.llama_cpp_available()
+    blind = transformers_blind_spot(config, arch, getattr(vocab, "space_scheme", None)) if judged_by_transformers else None
+    if blind:  # refuse before loading weights rather than fail (or pass) a check that cannot see the difference
+        raise ExportError(f"base {base_path}: transformers' GGUF reader cannot verify this {arch} file ({blind}); "
+                          "install llama.cpp to judge it (pip install 'qlora_orpo[gguf]') or export without verification")
     model = load_base(base_path, "none", "cpu", torch.float32)  # merged in float32, never into 4-bit weights
     log(f"base {base_path} (float32, CPU); adapter {'none' if alone else info.path}; GGUF {arch} {quant}")
     peft_model = None if alone else load_adapter(model, tokenizer, info.path, force=force).eval()
@@ -275,20 +303,19 @@ def export_gguf(
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)
             del merged, model, peft_model
             gc.collect()
-            log(f"verifying with plain transformers (gguf_file=) in a subprocess ({len(ids)} texts)")
-            check = compare_read_back(tmp, out, quant, reference, base_logits, vocab.chat_template)
+            check = gguf_llamacpp.judge_gguf(tmp, out, quant, reference, base_logits, vocab)  # llama.cpp when installed
         size = tmp.stat().st_size
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     system = ((info.card or {}).get("qlora_orpo", {}).get("training") or {}).get("system_prompt") or None
-    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system))
+    atomic_write_text(modelfile, render_modelfile(out.name, tokenizer, vocab.end_of_turn, system, add_bos=vocab.add_bos))
     result = GGUFExportResult(path=str(out), modelfile=str(modelfile), quant=quant, bytes=size,
                               seconds=time.perf_counter() - start, end_of_turn=vocab.end_of_turn, check=check)
     verdict = "not verified"
     if check is not None:
-        verdict = (f"max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
+        verdict = (f"judged by {check.judge}: max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
                    f", top-1 agreement {check.top1_agreement:.3f}, greedy identical {check.greedy_identical}/"
                    f"{check.greedy_runs}")
         if not alone and check.adapter_effect <= check.tolerance:  # alone, there is no adapter to see

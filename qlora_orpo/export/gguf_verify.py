@@ -16,20 +16,28 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import GGUF_QUANTS
 from .verify import EPS, ROUNDING_FACTOR, ExportError, ExportVerificationError, reference_logits, tolerance
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-QUANTS = ("f32", "f16", "q8_0")
+QUANTS = GGUF_QUANTS
 Q8_0_EPS = 1.0 / 127  # one Q8_0 step relative to the largest |weight| of its block of 32
 Q8_0_FACTOR = 16.0
+# The mixes: one code step of the mix's default type relative to the largest |weight| its block
+# spans (Q6_K: 64 levels over [-max, max]; Q5_K/Q4_K: 31/15 steps over [min, max], up to 2 max;
+# Q5_0/Q4_0: 32/16 levels over [-max, max]), and the allowed multiple of it: twice the largest
+# multiple measured (gguf_tolerance's docstring).
+MIX_STEP = {"q6_k": 1 / 32, "q5_k_m": 2 / 31, "q4_k_m": 2 / 15, "q5_0": 1 / 16, "q4_0": 1 / 8}
+MIX_FACTOR = {"q6_k": 13.0, "q5_k_m": 10.0, "q4_k_m": 8.0, "q5_0": 16.0, "q4_0": 10.0}
 GREEDY_TOKENS = 24
 
 
@@ -44,6 +52,8 @@ class GGUFCheck:
     greedy_prefix: float  # mean share of each continuation generated before the first difference
     adapter_effect: float  # max |merged - base| logit difference, to judge what the check can see
     tokens_compared: int
+    judge: str = "transformers"  # who ran the file: "transformers" (read-back) or "llama.cpp <version>"
+    warnings: list[str] = field(default_factory=list)  # what the judge warned about while loading the file
 
 
 def gguf_tolerance(quant: str, logit_scale: float) -> float:
@@ -67,6 +77,19 @@ def gguf_tolerance(quant: str, logit_scale: float) -> float:
       That is loose enough to let a weak adapter's effect hide (the export then logs a note,
       as the merged export does for bfloat16); a wrong permutation, a missing tensor or a
       mis-tied embedding still moves logits by far more.
+    * The mixes (``q6_k``, ``q5_k_m``, ``q4_k_m``, ``q5_0``, ``q4_0``): as ``q8_0``, with the step of the
+      mix's default type (:data:`MIX_STEP`) and a multiple (:data:`MIX_FACTOR`) twice the largest
+      measured. Measured max difference / (step * max(1, max|logit|)), on the 64-wide random Llama
+      and Qwen2 (where rows of 64 send the K-quants to their Q5_0/Q5_1/Q8_0 fallbacks), two 8-layer
+      256-wide random Llamas (untied, then tied; real K-quants) and SmolLM2-135M + shipped adapter:
+      q6_k 1.5, 1.9, 2.3, 6.3, 1.4; q5_k_m 4.6, 4.0, 1.9, 3.0, 2.3; q4_k_m 3.7, 2.1, 2.1, 3.5,
+      0.9; q5_0 7.8, 4.4, 2.8, 3.9, 2.2; q4_0 4.9, 3.9, 3.0, 4.4, 2.1. The bounds come to
+      0.41 (q6_k), 0.65 (q5_k_m), 1.07 (q4_k_m), 1.0 (q5_0) and 1.25 (q4_0) times max|logit| (on
+      SmolLM2, max|logit| 47.4: measured 2.0, 7.2, 5.8, 6.5, 12.6 against 19.3, 30.6, 50.6, 47.4,
+      59.3). At 4 and 5 bits the random test models' near-flat logits move by half their scale, so
+      this check only catches breakage that moves logits by more than their own size (a missing or
+      mis-permuted tensor on a real model) and cannot see a missing adapter (the export logs the
+      note); top-1 agreement and greedy runs are reported beside it.
     """
     if quant not in QUANTS:
         raise ExportError(f"quant: {quant!r} is not one of {', '.join(QUANTS)}")
@@ -76,6 +99,8 @@ def gguf_tolerance(quant: str, logit_scale: float) -> float:
         bound += ROUNDING_FACTOR * EPS["float16"] * scale
     elif quant == "q8_0":
         bound += Q8_0_FACTOR * Q8_0_EPS * scale
+    elif quant in MIX_STEP:
+        bound += MIX_FACTOR[quant] * MIX_STEP[quant] * scale
     return bound
 
 
@@ -153,13 +178,24 @@ def _greedy(model: PreTrainedModel, prompts: list[list[int]], tokens: int) -> li
 
 
 
+def _stop_ids(model: PreTrainedModel) -> list[int]:
+    """The ids ``generate`` stops at (generation config's EOS), for a judge that runs its own greedy loop."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else model.config.eos_token_id
+    return [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+
+
 def reference_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                       ids: list[list[int]], end_of_turn: str | None, greedy_tokens: int) -> dict[str, Any]:
     """What the read-back must reproduce: the subprocess's inputs (``spec``) and the merged model's outputs."""
     prompts = [seq[: max(1, len(seq) // 2)] for seq in ids]
     check = [mixed_text(tokenizer, end_of_turn), *texts]
     spec = {"check_texts": check, "check_ids": [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in check],
-            "ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens}
+            "ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens,
+            "stop_ids": _stop_ids(model)}
+    if tokenizer.bos_token:  # each text after a BOS, as a runtime that always adds one sees it (gguf_llamacpp)
+        spec["check_ids_after_bos"] = [list(tokenizer(tokenizer.bos_token + t, add_special_tokens=False)["input_ids"])
+                                       for t in check]
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     return {"spec": spec, "logits": reference_logits(model, ids), "greedy": _greedy(model, prompts, greedy_tokens), "tied": tied}
 
@@ -169,23 +205,34 @@ def compare_read_back(path: Path, out: Path, quant: str, reference: dict[str, An
     """Read ``path`` back in a subprocess and compare with ``reference``; :class:`ExportVerificationError` on failure."""
     logits, report = read_back(path, reference["spec"])
     _check_report(report, out, chat_template, reference["tied"])
+    return score_outputs(logits, report["greedy"], reference, base_logits, quant, out, "transformers")
+
+
+def score_outputs(logits: list[torch.Tensor], greedy: list[list[int]], reference: dict[str, Any],
+                  base_logits: list[torch.Tensor], quant: str, out: Path, judge: str,
+                  tolerance_of: Callable[[str, float], float] = gguf_tolerance) -> GGUFCheck:
+    """A judge's logits ``(seq, vocab)`` and greedy continuations against ``reference``; raises above tolerance.
+
+    ``tolerance_of(quant, max|reference logit|)``: the file's rounding (:func:`gguf_tolerance`)
+    plus whatever the judge's own arithmetic adds.
+    """
     ref = reference["logits"]
     scale = max(float(r.abs().max()) for r in ref)
-    tol = gguf_tolerance(quant, scale)
+    tol = tolerance_of(quant, scale)
     max_diff = max(float((a - b).abs().max()) for a, b in zip(logits, ref, strict=True))
     if not max_diff <= tol:  # also catches NaN
         raise ExportVerificationError(
-            f"{out}: GGUF logits differ from the merged model by up to {max_diff:.3g}, above the {quant} "
-            f"tolerance {tol:.3g} (max |logit| {scale:.3g}); nothing was written")
+            f"{out}: GGUF logits ({judge}) differ from the merged model by up to {max_diff:.3g}, above the "
+            f"{quant} tolerance {tol:.3g} (max |logit| {scale:.3g}); nothing was written")
     compared = sum(len(r) for r in ref)
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, ref, strict=True))
-    pairs = list(zip(report["greedy"], reference["greedy"], strict=True))
+    pairs = list(zip(greedy, reference["greedy"], strict=True))
     return GGUFCheck(
         max_abs_diff=max_diff, tolerance=tol, logit_scale=scale, top1_agreement=agree / compared,
         greedy_identical=sum(a == b for a, b in pairs), greedy_runs=len(pairs),
         greedy_prefix=sum(_common_prefix(a, b) / max(1, len(b)) for a, b in pairs) / max(1, len(pairs)),
         adapter_effect=max(float((r - b).abs().max()) for r, b in zip(ref, base_logits, strict=True)),
-        tokens_compared=compared,
+        tokens_compared=compared, judge=judge,
     )
 
 

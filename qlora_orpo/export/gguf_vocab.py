@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import UserError
 from ..data.templating import ChatFormat, special_token_ids
+from .gguf_pre import pre_name_by_hash
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -29,7 +30,7 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT_NAMES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
-PRE_NAMES = ("gpt2", "smollm", *SPLIT_NAMES.values())
+PRE_NAMES = ("gpt-2", "smollm", *SPLIT_NAMES.values())  # as llama.cpp spells them (never "gpt2")
 # Placeholders rendered through the chat template to find its pieces; unlikely in any template.
 _PLACEHOLDER = {"system": "SYS-7f3a", "user": "USR-7f3a", "assistant": "AST-7f3a", "user2": "USR2-7f3a"}
 
@@ -54,14 +55,18 @@ class Vocab:
 
 
 def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
-    """llama.cpp's name (``tokenizer.ggml.pre``) for a tokenizer.json ``pre_tokenizer``; :class:`VocabError` if none fits."""
+    """llama.cpp's name (``tokenizer.ggml.pre``) for a tokenizer.json ``pre_tokenizer``; :class:`VocabError` if none fits.
+
+    The fallback of :func:`build_vocab` for tokenizers whose check hash llama.cpp's table does
+    not hold (:mod:`qlora_orpo.export.gguf_pre`): tiny trained ones, mostly.
+    """
 
     def byte_level(p: dict[str, Any], regex: bool) -> bool:
         return (p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex
                 and not p.get("add_prefix_space", False))
 
     if pre is not None and byte_level(pre, True):
-        return "gpt2"
+        return "gpt-2"
     parts = (pre or {}).get("pretokenizers") or []
     if (pre or {}).get("type") == "Sequence" and len(parts) == 2:
         first, second = parts
@@ -102,7 +107,8 @@ def build_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Vocab:
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise VocabError(f"tokenizer: only byte-level BPE (gpt2 style) is supported, got model "
                          f"{model.get('type')} with decoder {(spec.get('decoder') or {}).get('type')}")
-    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    # llama.cpp's own way first (the hash of a check text's ids), the spec's regexes for the rest.
+    pre = pre_name_by_hash(tokenizer) or pre_tokenizer_name(spec.get("pre_tokenizer"))
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise VocabError(f"tokenizer: token id {max(vocab.values())} does not fit the model's vocab_size {vocab_size}")
@@ -238,10 +244,14 @@ def go_template(pieces: dict[str, Any]) -> str:
 
 
 def render_modelfile(gguf_name: str, tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None,
-                     system: str | None = None) -> str:
+                     system: str | None = None, add_bos: bool = False) -> str:
     """The Modelfile text: FROM the GGUF beside it, TEMPLATE (when derivable), SYSTEM default, stop tokens.
 
     ``system``: the run's ``--system-prompt``, which replaces the template's own default system message.
+    ``add_bos``: the GGUF's ``tokenizer.ggml.add_bos_token``. Ollama tokenises the rendered
+    TEMPLATE with the model's special tokens added, so a template that writes BOS itself
+    (Llama 3's ``{{ bos_token }}``) would reach the model with two; the literal BOS is cut from
+    the TEMPLATE then, and the file's flag supplies the one BOS.
 
     The stop tokens are the end-of-turn token and EOS: llama.cpp stops at EOS, but a chat
     template closes each turn with its own token, which Ollama must be told about.
@@ -249,6 +259,9 @@ def render_modelfile(gguf_name: str, tokenizer: PreTrainedTokenizerBase, end_of_
     stops = list(dict.fromkeys(t for t in (end_of_turn, tokenizer.eos_token) if t))
     lines = [MODELFILE_HEADER, "# Create the model with: ollama create <name> -f Modelfile", f"FROM ./{gguf_name}"]
     pieces = chat_pieces(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    bos = tokenizer.bos_token
+    if pieces and add_bos and bos and pieces["start"].startswith(bos):
+        pieces = {**pieces, "start": pieces["start"][len(bos):]}
     template = go_template(pieces) if pieces else None
     if template and '"""' not in template and "{{" not in "".join(v for w in pieces["wrap"].values() for v in w):
         lines.append(f'TEMPLATE """{template}"""')

@@ -29,19 +29,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..core.console import console_logger
 from ..core.errors import UserError
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, make_temp_dir, replace_dir, write_failure
 from .adapters import (
     CARD_FILE,
     AdapterInfo,
     adapter_tokenizer_dir,
+    check_written_safetensors,
     load_adapter,
-    make_temp_dir,
     parse_card,
     read_adapter,
-    replace_dir,
     resolve_base,
 )
 from .verify import (  # noqa: F401  (tolerance and the errors are part of this module's API)
@@ -105,8 +105,9 @@ def export_merged(
     ``base`` overrides the base the card names (a directory, ``"embedded"`` or a hub id);
     ``force`` loads the adapter onto a base whose fingerprint differs (with a warning).
     ``texts`` replaces the held-out conversations compared in the verification. The result
-    is written into a temporary sibling and renamed to ``out_dir`` only once verified; an
-    existing ``out_dir`` is replaced only if it is an earlier export (it has our card).
+    is written into a temporary sibling and exchanged with ``out_dir`` only once verified; an
+    existing ``out_dir`` is replaced only if it is an earlier export (it has our card). A failed
+    write (a full disk) is an :class:`ExportError` naming the file; the earlier export stays.
     Raises :class:`ExportVerificationError` when the check fails.
     """
     from transformers import AutoTokenizer
@@ -152,11 +153,13 @@ def export_merged(
         raise ExportError(f"merged weight {bad[0]} is not finite in {dtype} (out of range); export float32")
     meta = _export_card_metadata(info, base_path, dtype)
     tmp = make_temp_dir(out)
+    writing = "model*.safetensors"  # what a failed write was writing, where its error does not say (safetensors)
     try:
         log(f"writing {dtype} safetensors (shards up to {max_shard_size}) and the tokenizer")
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         if not (tmp / "generation_config.json").is_file():
             merged.generation_config.save_pretrained(str(tmp))
+        writing = "the tokenizer files"
         tokenizer.save_pretrained(str(tmp))
         del merged, peft_model, model  # free the parent's copy before the verifier loads its own
         gc.collect()
@@ -173,10 +176,19 @@ def export_merged(
                 {"max_abs_diff": max_diff, "tolerance": tol, "adapter_effect": adapter_effect,
                  "verified_on": origin}
             )
+        writing = CARD_FILE
         atomic_write_text(tmp / CARD_FILE, _render_export_card(meta))
         shards = sorted(tmp.glob("model*.safetensors"))
         size = sum(p.stat().st_size for p in shards)
+        writing = "the directory (reading it back, or renaming it into place)"
+        if not verify:  # the verifier has read every shard; without it, at least their headers and lengths
+            check_written_safetensors(tmp, full=False)
         replace_dir(tmp, out)
+    except (OSError, SafetensorError) as exc:  # a full disk: safetensors raises its own error type
+        kept = "the earlier export there is kept" if out.is_dir() and any(out.iterdir()) else "none was there before"
+        message = write_failure(out, exc, kept, writing)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(message) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

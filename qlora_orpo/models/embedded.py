@@ -36,7 +36,8 @@ EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "QLORA_ORPO_CACHE"
 MARKER_FILE = "qlora_orpo_source.json"
 # Bump when the conversion itself changes, so that existing caches are rebuilt.
-CONVERTER_VERSION = 1
+# 2: SmolLM2's digit-splitting pre-tokenizer restored (see _restore_pre_tokenizer).
+CONVERTER_VERSION = 2
 
 
 
@@ -169,6 +170,27 @@ def _swap_into_place(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _restore_pre_tokenizer(tokenizer: Any, gguf: Path) -> None:
+    """Give the tokenizer the pre-tokenizer the GGUF names, where transformers' reader dropped it.
+
+    transformers rebuilds a GGUF's byte-level BPE with the plain GPT-2 split and ignores
+    ``tokenizer.ggml.pre``. SmolLM2's (``smollm``) first splits every digit apart, as its hub
+    ``tokenizer.json`` and llama.cpp do; without that step whitespace before a digit is cut
+    differently (``"\r\n1"``: ``\r``, ``\n`` instead of one ``\r\n`` token), so a model trained
+    here would see other ids than SmolLM2 saw and than llama.cpp feeds the exported GGUF.
+    """
+    import gguf as gguf_lib
+    from tokenizers import pre_tokenizers
+
+    field = gguf_lib.GGUFReader(str(gguf)).get_field("tokenizer.ggml.pre")
+    if field is None or field.contents() != "smollm":
+        return
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise ``gguf`` and write it to ``out`` as safetensors + config + tokenizer."""
     from safetensors.torch import load_file, save_file
@@ -176,6 +198,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _restore_pre_tokenizer(tokenizer, gguf)
 
     # save_pretrained refuses a GGUF-loaded model, so write the pieces ourselves.
     # Tied weights share one tensor, which safetensors refuses to store twice: keep the

@@ -135,6 +135,51 @@ def predict(
     return Prediction(variant, floor, overhead, int(reserve_gib * GIB))
 
 
+STEP_MODES = ("shared", "sequential", "split")  # the order --step auto tries them (training/step_choice.py)
+
+
+def shared_row_tokens(max_length: int, pack_tokens: int = 0) -> int:
+    """The widest row of the shared layout: ``pack_tokens`` (0 = ``max_length``), or one pair alone.
+
+    A pair's row holds prompt + chosen + rejected: with each side at most ``max_length``, that is
+    at most ``2 * max_length - 1`` (a one-token prompt), wider than a packed row's budget.
+    """
+    return max(pack_tokens or max_length, 2 * max_length - 1)
+
+
+def predict_mode(
+    shape: ModelShape, max_length: int, batch_size: int, mode: str, pack_tokens: int = 0, **kwargs: Any
+) -> Prediction:
+    """The prediction of ``--step mode`` for ``batch_size`` pairs at ``max_length``, each at its worst case.
+
+    ``split`` holds one side's activations; ``sequential`` both sides of every pair (``2 * batch``
+    sequences); ``shared`` one row per pair at its widest (:func:`shared_row_tokens`): natural
+    data packs several pairs into shorter rows, so the real figure is lower. The overhead factor
+    was fitted on ``split`` alone; for the other two it is an assumption, not a calibration.
+    """
+    if mode == "split":
+        return predict(shape, max_length, batch_size, **kwargs)
+    width = VARIANTS[kwargs.get("variant", "float32")]
+    if mode == "sequential":
+        length, sequences = max_length, 2 * batch_size
+    elif mode == "shared":
+        length, sequences = shared_row_tokens(max_length, pack_tokens), batch_size
+    else:
+        raise ValueError(f"unknown step mode {mode!r}; one of {', '.join(STEP_MODES)}")
+    floor = memory_floor(shape, length, lora_r=kwargs.get("lora_r", 16), chunk_size=kwargs.get("chunk_size", 64),
+                         activation_bytes=width, param_bytes=width, sequences=sequences)
+    return Prediction(kwargs.get("variant", "float32"), floor, kwargs.get("overhead", OVERHEAD),
+                      int(kwargs.get("reserve_gib", 0.0) * GIB))
+
+
+def auto_mode(shape: ModelShape, max_length: int, batch_size: int, budget_bytes: int, **kwargs: Any) -> str | None:
+    """What ``--step auto`` would pick at the worst case: the first of :data:`STEP_MODES` that fits."""
+    for mode in STEP_MODES:
+        if predict_mode(shape, max_length, batch_size, mode, **kwargs).peak_bytes <= budget_bytes:
+            return mode
+    return None
+
+
 def largest_length(shape: ModelShape, batch_size: int, budget_bytes: int, **kwargs: Any) -> int:
     """The largest multiple of :data:`LENGTH_QUANTUM` whose predicted peak fits (0 if none does)."""
     def fits(n: int) -> bool:
@@ -208,8 +253,17 @@ def render(
     )
     for name, value in rows:
         lines.append(f"| **{name}** | **{_gib(value(preds['float32']))}** | **{_gib(value(preds['bf16']))}** |")
+    lines += ["", "| step mode: predicted peak (GiB), worst case | float32 residual | bf16 residual |", "|---|---:|---:|"]
+    for mode in STEP_MODES:
+        peak = {v: predict_mode(shape, max_length, batch_size, mode, variant=v, **kwargs).peak_bytes for v in VARIANTS}
+        lines.append(f"| --step {mode} | {_gib(peak['float32'])} | {_gib(peak['bf16'])} |")
+    lines.append(f"  shared: one row per pair at its widest ({shared_row_tokens(max_length)} tokens: prompt + both "
+                 "replies); natural data packs several pairs into shorter rows. The overhead was fitted on split only.")
     if budget_gib is not None:
         budget = int(budget_gib * GIB)
+        for variant in VARIANTS:
+            mode = auto_mode(shape, max_length, batch_size, budget, variant=variant, **kwargs)
+            lines.append(f"  --step auto in {budget_gib:g} GiB, {variant}: {mode or 'nothing fits'} at the worst case")
         lines += ["", f"fits in {budget_gib:g} GiB of {device_kind} (reserve {kwargs.get('reserve_gib', 0.0):g} GiB "
                       "for the process included):"]
         for variant, pred in preds.items():

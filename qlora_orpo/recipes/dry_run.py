@@ -55,6 +55,8 @@ def dry_run(cfg: OrpoConfig, show_examples: int = 0) -> int:
             split += "\n" + warning
     else:
         split = f"split:     {len(train_pairs)} train / {len(eval_pairs)} held out (eval_fraction={cfg.eval_fraction})"
+    if loaded.test:
+        split += f" / {len(loaded.test)} test (test_fraction={cfg.test_fraction}; scored once, at the end)"
     lines += [
         split,
         f"model:     {model_path}",

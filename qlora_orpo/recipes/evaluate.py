@@ -55,14 +55,23 @@ def attach_adapter(model: nn.Module, tokenizer, adapter_dir: str | Path, force: 
     return load_adapter(model, tokenizer, adapter_dir, force=force)
 
 
-def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict[str, Any], list[Any]]:
+def heldout_pairs(
+    cfg: OrpoConfig, tokenizer, test: bool = False
+) -> tuple[list[TokenizedPair], dict[str, Any], list[Any]]:
     """The pairs ``train.run`` evaluates on (the ``eval_data`` file's, else the hash share of ``data``), tokenised;
-    a description of where they came from; the untokenised held-out pairs."""
+    a description of where they came from; the untokenised held-out pairs. With ``test``, the
+    run's test split instead (the ``test_fraction`` share of ``data``, scored at the end of training)."""
     from ..data.mixture import add_system_prompt, load_eval_data, load_sources, sources_of
-    from ..data.preferences import split_holdout
+    from ..data.preferences import split_holdout, split_test
     from ..data.templating import tokenize_pairs
 
-    if cfg.eval_data:  # an evaluation file: all of it, the training data is not read
+    if test:
+        if cfg.test_fraction <= 0:
+            raise UserError("--test: test_fraction is 0 (the run kept no test split); give --test-fraction")
+        data = load_sources(sources_of(cfg), cfg.strict, cfg.seed)
+        _, held = split_test(data.pairs, cfg.test_fraction)
+        why = f"test_fraction {cfg.test_fraction}"
+    elif cfg.eval_data:  # an evaluation file: all of it, the training data is not read
         data = load_eval_data(cfg)
         held, why = list(data.pairs), "the evaluation data"
     else:
@@ -79,12 +88,13 @@ def heldout_pairs(cfg: OrpoConfig, tokenizer) -> tuple[list[TokenizedPair], dict
         raise UserError(f"{data.source}: no held-out pair survived tokenisation ({why})")
     return tokenized, {
         "data": data.source, "held_out": len(held), "evaluated": len(tokenized),
-        "dropped": len(stats.dropped_rows), "truncated": stats.truncated,
+        "dropped": len(stats.dropped_rows), "truncated": stats.truncated, **({"split": "test"} if test else {}),
     }, held
 
 
 def run_evaluation(
-    cfg: OrpoConfig, adapter: str | Path | None = None, force: bool = False, progress: bool = True
+    cfg: OrpoConfig, adapter: str | Path | None = None, force: bool = False, progress: bool = True,
+    test: bool = False,
 ) -> dict[str, Any]:
     """Load once, evaluate the base and (with ``adapter``) base + adapter on every held-out pair.
 
@@ -100,7 +110,7 @@ def run_evaluation(
     if adapter is not None:
         model = attach_adapter(model, tokenizer, adapter, force=force)
         model.eval()
-    pairs, where, held = heldout_pairs(cfg, tokenizer)
+    pairs, where, held = heldout_pairs(cfg, tokenizer, test)
     results = evaluate_base_and_adapter(
         model, pairs, cfg.beta, tokenizer.pad_token_id, device=device, batch_size=cfg.eval_batch_size,
         chunk_size=cfg.logits_chunk_size, nll_over_prompt=cfg.nll_over_prompt, progress=progress,
@@ -141,10 +151,13 @@ def _adapter_training_config(adapter: Path) -> dict[str, Any]:
     From the card's ``qlora_orpo.training``; for an adapter without a card, from the
     ``config.yaml`` of the run directory around it (``runs/<name>/adapter``).
     """
+    from ..export.adapters import AdapterError, parse_card, refuse_links_out
+
     values: dict[str, Any] = {}
+    if adapter.is_dir():
+        refuse_links_out(adapter)  # before the card is read: a link out is refused, not followed
     card = adapter / "README.md"
     if card.is_file():
-        from ..export.adapters import AdapterError, parse_card
 
         try:
             training = parse_card(card.read_text(encoding="utf-8"), card)["qlora_orpo"].get("training") or {}

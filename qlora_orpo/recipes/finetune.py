@@ -28,7 +28,7 @@ from ..config import OrpoConfig
 from ..core.errors import UserError
 from ..core.runlock import RunLock
 from ..data.collate import TokenizedPair
-from ..data.mixture import describe_shared, held_out_source, load_run_data, shared_pairs
+from ..data.mixture import RunData, describe_shared, held_out_source, load_run_data, shared_pairs
 from ..data.preferences import PreferenceData
 from ..data.sampling import micro_batches
 from ..data.templating import tokenize_pairs
@@ -91,10 +91,12 @@ def _finetune(
     # resume reads the data its recorded config names.
     loaded = None if resume else load_data(cfg)
     cfg, run_dir, checkpoint = open_run(cfg, resume, overrides, dist, held)
-    data, train_pairs, eval_pairs = loaded or load_data(cfg)
+    loaded = loaded or load_data(cfg)
+    data, train_pairs, eval_pairs = loaded.data, loaded.train, loaded.held_out
     model, tokenizer, info = load_model_for_training(cfg)
     log(f"model: {info.describe()}; allocator: {allocator}")
     train_tok, eval_tok = tokenise(cfg, tokenizer, train_pairs, eval_pairs)
+    test_tok, _ = tokenize_pairs(loaded.test, tokenizer, cfg.max_length, cfg.max_prompt_length, progress=False)
     if dist.enabled:
         log(f"distributed: {dist.world_size} ranks, {dist.sharding}, {torch.distributed.get_backend()}; "
             f"a rank waits up to {distributed.collective_timeout()} in a collective (QLORA_ORPO_COLLECTIVE_TIMEOUT_S)")
@@ -121,7 +123,7 @@ def _finetune(
     if not evaluates:
         return {"run_dir": str(run_dir), "steps": trainer.state.step, "tokens": trainer.state.tokens,
                 "rank": dist.rank}
-    return finish(trainer, evaluator, metrics_log, tokenizer, info, data, before, last)
+    return finish(trainer, evaluator, metrics_log, tokenizer, info, data, before, last, (test_tok, len(loaded.test)))
 
 
 def open_run(
@@ -131,18 +133,30 @@ def open_run(
     """The run directory, created with the resolved config in it; on resume, the run's own config and checkpoint.
 
     Rank 0 takes the directory's lock (``core/runlock.py``) and keeps it in ``held`` (or until
-    the process ends): a second run in the same directory is refused while this one trains.
+    the process ends): a second run in the same directory is refused while this one trains,
+    on every rank (rank 0 broadcasts its answer).
     Without ``--resume`` a directory that already holds a run (its config, metrics or
     checkpoints) is refused, even one that died before its first checkpoint.
     """
     if not resume:
         dist.check_export(cfg.export)  # before anything is written (a resume checks its recorded config below)
     run_dir = Path(dist.broadcast_text(str(resolve_run_dir(cfg, resume, claim=dist.is_main))))  # rank 0's name
+    refusal = ""
     if dist.is_main and (not resume or run_dir.is_dir()):  # a resume of nothing makes no directory
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir).acquire()
-        if held is not None:
-            held.callback(lock.release)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir).acquire()
+            if held is not None:
+                held.callback(lock.release)
+        except UserError as exc:
+            refusal = str(exc)
+        except OSError as exc:
+            refusal = f"{run_dir}: cannot create the run directory ({exc.strerror})"
+    # Rank 0 alone asks for the lock; its answer reaches every rank, or the others would wait
+    # for it in the next barrier until the collective timeout (hours) and then fail obscurely.
+    verdict = dist.broadcast_text(f"refused:{refusal}" if refusal else "ok")  # never empty: a 0-byte broadcast
+    if verdict != "ok":
+        raise UserError(verdict.removeprefix("refused:"))
     # A damaged newest checkpoint (a flipped bit, a truncated file) gives way to the one before, saying so.
     checkpoint = resumable_checkpoint(run_dir, log) if resume else None
     if resume:
@@ -195,11 +209,13 @@ def given_fields(cfg: OrpoConfig) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
-def load_data(cfg: OrpoConfig) -> tuple[PreferenceData, list, list]:
-    """The preference data, and its train and held-out pairs (a hash share, or all of ``eval_data``)."""
+def load_data(cfg: OrpoConfig) -> RunData:
+    """The preference data, its train and held-out pairs (a hash share, or all of ``eval_data``) and test pairs."""
     loaded = load_run_data(cfg)
     data, train_pairs, eval_pairs = loaded.data, loaded.train, loaded.held_out
     log(f"data: {data.source} ({data.shape}): {len(data.pairs)} pairs, {len(data.skipped)} rows skipped")
+    if loaded.test:
+        log(f"test split: {len(loaded.test)} pairs (test_fraction {cfg.test_fraction}), scored once at the end")
     for reason, count in data.skip_reasons().items():
         log(f"  skipped {count} x {reason}")
     if loaded.eval_data is not None:
@@ -207,7 +223,7 @@ def load_data(cfg: OrpoConfig) -> tuple[PreferenceData, list, list]:
             f"{len(loaded.eval_data.skipped)} rows skipped; held out instead of eval_fraction, trains on all of data")
         if warning := describe_shared(shared_pairs(train_pairs, eval_pairs)):
             log(warning)
-    return data, train_pairs, eval_pairs
+    return loaded
 
 
 def tokenise(cfg: OrpoConfig, tokenizer, train_pairs: list, eval_pairs: list) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
@@ -228,12 +244,14 @@ def tokenise(cfg: OrpoConfig, tokenizer, train_pairs: list, eval_pairs: list) ->
 def finish(
     trainer: Trainer, evaluator: RunEvaluator, metrics_log: MetricsLogger, tokenizer, info, data: PreferenceData,
     before: dict[str, float] | None, last: dict[str, float],
+    test: tuple[list[TokenizedPair], int] = ([], 0),
 ) -> dict[str, Any]:
     """The end of a run: last checkpoint, final evaluation and selection, the adapter, the summary, exports, plots."""
     cfg, state, dist, run_dir = trainer.cfg, trainer.state, trainer.dist, trainer.run_dir
     of_rank = {"run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "rank": dist.rank}
     trainer.save()
     after, evaluation = evaluator.finish(state.step)
+    tested = evaluator.test(state.step, test[0], test[1], evaluation and evaluation["selected_step"], str(data.source))
     adapter_dir = save_final_adapter(trainer.model, tokenizer, cfg, run_dir, data, after, evaluation, trainer.sharded)
     if not dist.is_main:
         return of_rank
@@ -241,6 +259,9 @@ def finish(
         "run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "adapter": str(adapter_dir),
         "trainable_params": info.trainable_params, "total_params": info.total_params,
         "final_train": last, "eval_before": before, "eval_after": after,
+        "test": {"pairs": tested["pairs"]["evaluated"], "base": tested["base"]["reward_accuracy"],
+                 "adapter": tested["adapter"]["reward_accuracy"], "change": tested["change"]["reward_accuracy"]}
+        if tested else None,
     }
     metrics_log.log({"step": state.step, "split": "summary", **{k: v for k, v in summary.items() if k != "final_train"}})
     describe = f"done: {state.step} steps, {state.tokens} tokens, adapter in {adapter_dir}"

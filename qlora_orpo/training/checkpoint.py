@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import TrainingError
-from ..core.files import atomic_write_text, fsync_dir, fsync_tree
+from ..core.files import atomic_write_text, free_space, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from .sharded_state import FullState, ShardedModel
@@ -215,7 +215,7 @@ def save_checkpoint(
         where = getattr(exc, "filename", None) or tmp
         reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TrainingError(f"{where}: could not save the checkpoint for step {state.step} ({reason}); {kept}; "
-                            f"{_free_space(root)} free on its disk") from exc
+                            f"{free_space(root)} free on its disk") from exc
     _prune(root, keep_path=final, limit=keep)
     return final
 
@@ -230,13 +230,6 @@ def _file_hashes(directory: Path) -> dict[str, str]:
                 digest.update(block)
         hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
     return hashes
-
-
-def _free_space(path: Path) -> str:
-    try:
-        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
-    except OSError:
-        return "unknown space"
 
 
 def checkpoint_problem(path: Path) -> str | None:

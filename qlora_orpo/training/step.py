@@ -53,6 +53,7 @@ from .loss import orpo_logp_grads, orpo_loss, sequence_logps
 from .shared import shared_logps
 
 STEP_MODES = ("split", "sequential", "joint", "shared", "auto")
+LEANER_MODE = {"shared": "sequential", "sequential": "split"}  # --step auto's retry after an out-of-memory error
 
 
 @dataclass
@@ -174,10 +175,48 @@ class OrpoStep:
         self._sync_grads = sync_grads
         batch = batch.to(self.device)
         mode = self.choose(batch) if self.mode == "auto" else self.mode
-        run = {"split": self._split, "sequential": self._sequential, "joint": self._joint, "shared": self._shared}[mode]
-        loss, metrics = run(batch, loss_scale)
+        if self.mode == "auto" and not torch.distributed.is_initialized():
+            loss, metrics = self._retrying_leaner(batch, loss_scale, mode)
+        else:
+            loss, metrics = self._run(mode, batch, loss_scale)
         tokens = batch.chosen.num_tokens + batch.rejected.num_tokens
         return StepOutput(loss.detach(), metrics, tokens, batch.rows)
+
+    def _run(self, mode: str, batch: PairBatch, scale: float):
+        run = {"split": self._split, "sequential": self._sequential, "joint": self._joint, "shared": self._shared}[mode]
+        return run(batch, scale)
+
+    def _retrying_leaner(self, batch: PairBatch, scale: float, mode: str):
+        """``--step auto``: on an out-of-memory error, the same micro-batch again in the next leaner mode.
+
+        The micro-batch's gradients go into fresh ``.grad`` tensors and are added to the ones
+        accumulated so far only when it succeeds, so a pass that fails halfway through its
+        backward leaves nothing behind (the price: one extra copy of the LoRA gradients). The
+        chooser remembers the failure and never picks the richer mode again. One process only:
+        a rank retrying alone would leave the others waiting in a collective.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        while True:
+            held = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            try:
+                result = self._run(mode, batch, scale)
+            except torch.OutOfMemoryError:
+                for p, grad in zip(params, held, strict=True):
+                    p.grad = grad
+                leaner = LEANER_MODE.get(mode)
+                if leaner is None:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the failed pass's blocks back to the device
+                getattr(self.choose, "demote", lambda *_: None)(mode, leaner)
+                mode = leaner
+                continue
+            for p, grad in zip(params, held, strict=True):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else p.grad.add_(grad)
+            return result
 
     def _forward(self, side: SideBatch) -> SideLogps:
         return SideLogps(*self.side_forward(side))

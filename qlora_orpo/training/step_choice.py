@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..config import OrpoConfig
 
 MIB = 2**20
+RICHNESS = ("shared", "sequential", "split")  # fastest and hungriest first: auto's order of preference
 # Measured peak above baseline / analytic floor for the split step on the embedded model:
 # 1.3 to 2.1 from 2048 down to 256 tokens (docs/benchmarks.md); the upper end, to be safe.
 OVERHEAD_FACTOR = 2.1
@@ -65,6 +66,16 @@ class StepChooser:
 
     def __post_init__(self) -> None:
         self.counts: dict[str, int] = {"shared": 0, "sequential": 0, "split": 0}
+        self.ceiling: str | None = None  # after an out-of-memory error: the richest mode still allowed
+        self.retries: list[tuple[str, str]] = []
+
+    def demote(self, failed: str, leaner: str) -> None:
+        """A ``failed`` pass ran out of memory and is retried as ``leaner``: never choose richer again."""
+        self.retries.append((failed, leaner))
+        self.counts[failed] -= 1
+        self.counts[leaner] += 1
+        if self.ceiling is None or RICHNESS.index(leaner) > RICHNESS.index(self.ceiling):
+            self.ceiling = leaner
 
     def predicted_bytes(self, tokens_per_side: int, sides: int) -> int:
         """Predicted peak above the loaded model of a step holding ``sides`` sequences at once."""
@@ -81,6 +92,8 @@ class StepChooser:
             packed = assign_rows(batch.pairs, self.pack_tokens)
             width = max(sum(shared_length(batch.pairs[i]) for i in row) for row in packed)
             mode = "shared" if self.predicted_bytes(width, len(packed)) <= self.budget_bytes else mode
+        if self.ceiling is not None and RICHNESS.index(mode) < RICHNESS.index(self.ceiling):
+            mode = self.ceiling
         if self.agree is not None:
             mode = self.agree(mode)
         self.counts[mode] += 1
@@ -88,7 +101,11 @@ class StepChooser:
 
     def describe(self) -> str:
         used = ", ".join(f"{mode} {n}" for mode, n in self.counts.items() if n)
-        return f"step auto (budget {self.budget_bytes / MIB:,.0f} MiB): {used or 'no micro-batch yet'}"
+        text = f"step auto (budget {self.budget_bytes / MIB:,.0f} MiB): {used or 'no micro-batch yet'}"
+        if self.retries:
+            text += (f"; {len(self.retries)} out-of-memory retr{'y' if len(self.retries) == 1 else 'ies'} "
+                     f"({', '.join(f'{a}->{b}' for a, b in self.retries)}), at most {self.ceiling} since")
+        return text
 
 
 def chooser_for(cfg: OrpoConfig, model, device: torch.device, agree: Callable[[str], str] | None = None):
