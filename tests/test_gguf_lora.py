@@ -22,11 +22,12 @@ from qlora_orpo.export import adapters as A
 from qlora_orpo.export import gguf as G
 from qlora_orpo.export import gguf_lora as L
 from qlora_orpo.export import gguf_lora_check as C
+from qlora_orpo.export.gguf_llamacpp import llama_cpp_available
 from qlora_orpo.export.verify import ExportError, ExportVerificationError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GGUF_NAMES = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-LLAMA_CPP = C.llama_cpp_available()
+LLAMA_CPP = llama_cpp_available()
 
 
 def save_base(root: Path, model, tokenizer) -> Path:

@@ -43,13 +43,8 @@ import torch
 from ..core.files import atomic_write_text, fsync_dir
 from .adapters import WEIGHTS_FILE, adapter_tokenizer_dir, read_adapter, resolve_base
 from .gguf import OURS_KEY, PERMUTE_QK, _check_outputs, export_gguf, gguf_arch, permute_qk
-from .gguf_lora_check import (
-    LlamaCppCheck,
-    check_structure,
-    llama_cpp_available,
-    run_llama_cpp,
-    tensor_name_map,
-)
+from .gguf_llamacpp import llama_cpp_available
+from .gguf_lora_check import LlamaCppCheck, check_structure, run_llama_cpp, tensor_name_map
 from .gguf_verify import GREEDY_TOKENS, QUANTS
 from .gguf_vocab import end_of_turn_token, render_modelfile
 from .merged import log
@@ -193,9 +188,9 @@ def write_gguf_lora(path: Path, tensors: dict[str, np.ndarray], arch: str, alpha
         os.fsync(handle.fileno())
 
 
-def adapter_modelfile(base_ref: str, adapter_name: str, tokenizer: Any, system: str | None) -> str:
-    """gguf_vocab's Modelfile (template, stops) with ``FROM base_ref`` and ``ADAPTER ./adapter_name``."""
-    lines = render_modelfile("base.gguf", tokenizer, end_of_turn_token(tokenizer), system).splitlines()
+def adapter_modelfile(base_ref: str, adapter_name: str, tokenizer: Any, system: str | None, add_bos: bool) -> str:
+    """gguf_vocab's Modelfile (template, stops; ``add_bos``: the base GGUF's flag) with ``FROM base_ref``, ``ADAPTER``."""
+    lines = render_modelfile("base.gguf", tokenizer, end_of_turn_token(tokenizer), system, add_bos).splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
     lines[at:at + 1] = [f"FROM {base_ref}", f"ADAPTER ./{adapter_name}"]
     return "\n".join(lines) + "\n"
@@ -227,6 +222,7 @@ def export_gguf_lora(
     weights; with llama-cpp-python installed, llama.cpp running base GGUF + adapter file against
     base + adapter in peft (float32). ``base``/``force``/``texts`` as in ``export_gguf``.
     """
+    import gguf
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -279,7 +275,9 @@ def export_gguf_lora(
         raise
     base_ref = f"./{base_file.name}" if base_file.resolve().parent == out.resolve().parent else str(base_file.resolve())
     system = (card.get("training") or {}).get("system_prompt") or None
-    atomic_write_text(modelfile, adapter_modelfile(base_ref, out.name, tokenizer, system))
+    fields = gguf.GGUFReader(str(base_file)).fields
+    add_bos = bool(fields["tokenizer.ggml.add_bos_token"].contents()) if "tokenizer.ggml.add_bos_token" in fields else False
+    atomic_write_text(modelfile, adapter_modelfile(base_ref, out.name, tokenizer, system, add_bos))
     result = GGUFLoraResult(path=str(out), modelfile=str(modelfile), base_gguf=str(base_file), bytes=size,
                             seconds=time.perf_counter() - start, alpha=alpha,
                             ranks=sorted({a.shape[0] for a, _ in pairs.values()}), pairs=len(pairs), judge=judge,
@@ -323,7 +321,7 @@ def _verify(tmp: Path, info: Any, base_path: str, base_file: Path, tokenizer: An
     if texts is None:
         texts, _ = verification_texts(info, tokenizer)
     ids = encode_texts(tokenizer, texts, max_tokens)
-    llama = run_llama_cpp(tmp, base_file, peft_model, ids, greedy_tokens)
+    llama = run_llama_cpp(tmp, base_file, peft_model, ids, greedy_tokens, arch)
     log(f"llama.cpp (base GGUF + adapter) vs peft float32: max |logit difference| {llama.max_abs_diff:.3g} <= "
         f"{llama.tolerance:.3g}, top-1 agreement {llama.top1_agreement:.3f}, greedy identical "
         f"{llama.greedy_identical}/{llama.greedy_runs}")

@@ -18,7 +18,6 @@ Two judges, both against peft's own view of the adapter (base float32 + unmerged
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -32,7 +31,8 @@ import numpy as np
 import torch
 
 from .gguf import PERMUTE_QK, permute_qk
-from .gguf_verify import QUANTS, _common_prefix, _greedy, gguf_tolerance
+from .gguf_llamacpp import llamacpp_tolerance
+from .gguf_verify import QUANTS, _common_prefix, _greedy
 from .verify import ExportVerificationError, reference_logits
 
 if TYPE_CHECKING:
@@ -53,11 +53,6 @@ class LlamaCppCheck:
     greedy_prefix: float  # mean share of each continuation before the first difference
     adapter_effect: float  # max |peft with adapter - without| logit difference: what the check can see
     tokens_compared: int
-
-
-def llama_cpp_available() -> bool:
-    """Whether llama-cpp-python is installed for this interpreter (the subprocess uses the same one)."""
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def tensor_name_map(arch: str, n_layers: int) -> Any:
@@ -142,7 +137,9 @@ from safetensors.numpy import save_file
 base, adapter, io_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 spec = json.loads((io_dir / "inputs.json").read_text())
 n_ctx = max(len(s) for s in spec["ids"] + spec["greedy_prompts"]) + spec["greedy_tokens"] + 8
-llm = Llama(model_path=base, lora_path=adapter, logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
+# A float32 KV cache (type 0), as gguf_llamacpp's judge runs: an f32 base is judged on its own numbers.
+llm = Llama(model_path=base, lora_path=adapter, logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+            n_threads=spec["threads"], n_threads_batch=spec["threads"], type_k=0, type_v=0, flash_attn=False,
             seed=0, verbose=False)
 out, greedy = {}, []
 for i, ids in enumerate(spec["ids"]):
@@ -181,11 +178,11 @@ def base_quant_of(base_file: Path) -> str:
 
 
 def run_llama_cpp(adapter: Path, base_file: Path, peft_model: PeftModel, ids: list[list[int]],
-                  greedy_tokens: int) -> LlamaCppCheck:
+                  greedy_tokens: int, arch: str) -> LlamaCppCheck:
     """llama.cpp's logits and greedy tokens for base GGUF + ``adapter`` against ``peft_model``'s; raises on a mismatch.
 
-    The tolerance is the base GGUF's :func:`gguf_tolerance`, at least f16's: llama.cpp keeps
-    its KV cache in float16, so even an f32 base rounds K and V once.
+    The tolerance is the merged file's under llama.cpp (:func:`~qlora_orpo.export.gguf_llamacpp.llamacpp_tolerance`
+    for the base GGUF's quant): the adapter's F32 product adds no rounding of its own beyond float32's.
     """
     from safetensors.numpy import load_file
 
@@ -195,7 +192,8 @@ def run_llama_cpp(adapter: Path, base_file: Path, peft_model: PeftModel, ids: li
     with peft_model.disable_adapter():
         plain = reference_logits(peft_model, ids)
     reference_greedy = _greedy(peft_model, prompts, greedy_tokens)
-    spec = {"ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens}
+    spec = {"ids": ids, "greedy_prompts": prompts, "greedy_tokens": greedy_tokens,
+            "threads": max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))}
     with tempfile.TemporaryDirectory(prefix="qlora_orpo-gguf-lora-") as io:
         io_dir = Path(io)
         (io_dir / "inputs.json").write_text(json.dumps(spec))
@@ -211,7 +209,7 @@ def run_llama_cpp(adapter: Path, base_file: Path, peft_model: PeftModel, ids: li
         raise ExportVerificationError(f"{adapter}: the llama.cpp runner imported qlora_orpo")
     logits = [torch.from_numpy(arrays[f"logits_{i}"]) for i in range(len(ids))]
     scale = max(float(r.abs().max()) for r in reference)
-    tol = gguf_tolerance("f16" if quant == "f32" else quant, scale)
+    tol = llamacpp_tolerance(quant, scale, arch)
     max_diff = max(float((a - b).abs().max()) for a, b in zip(logits, reference, strict=True))
     if not max_diff <= tol:
         raise ExportVerificationError(f"{adapter}: llama.cpp's logits (base {quant} + adapter) differ from peft's by "
