@@ -12,8 +12,9 @@ Two judges, both against peft's own view of the adapter (base float32 + unmerged
 * **llama.cpp**, when llama-cpp-python is installed: a ``python -I`` subprocess (a crash in
   llama.cpp cannot take the export down; it never imports ``qlora_orpo``, and checks that)
   loads the base GGUF with the adapter (``lora_path``), evaluates the verification token ids
-  and greedy continuations of their first halves, and its logits must be within the base
-  GGUF's per-quant tolerance of peft's.
+  and greedy continuations of their first halves (float32 KV cache, as
+  :mod:`~qlora_orpo.export.gguf_llamacpp` runs the merged files), and its logits must be within
+  that module's tolerance for the base GGUF's quant of peft's.
 """
 
 from __future__ import annotations
