@@ -152,6 +152,8 @@ def test_tensor_names_types_and_tied_embeddings(exports, arch):
     assert fields["general.architecture"].contents() == arch
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert fields["tokenizer.ggml.pre"].contents() == {"llama": "gpt-2", "qwen2": "qwen2"}[arch]
+    recorded = fields["qlora_orpo.adapter"].contents()  # the adapter by name: a shared file leaks no local path
+    assert recorded and "/" not in recorded
     model, _ = read_gguf(exports[(arch, "f32")].path)
     assert model.config.tie_word_embeddings == (arch == "llama")
 

@@ -86,6 +86,7 @@ def test_metadata_names_shapes_and_types(cases, arch):
     fields, tensors = read(result.path)
     assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
     assert fields["general.architecture"].contents() == arch
+    assert fields[G.OURS_KEY].contents() == "adapter"  # the adapter's directory name, never a local path
     assert fields["adapter.lora.alpha"].contents() == pytest.approx(8.0) and result.alpha == 8.0
     expected = {f"blk.{i}.{n}.weight.lora_{ab}" for i in range(2) for n in GGUF_NAMES for ab in "ab"}
     assert set(tensors) == expected and result.pairs == 14 and result.ranks == [4]

@@ -45,6 +45,7 @@ import torch
 from ..core.files import atomic_write_text
 from . import gguf_llamacpp  # through the module, so that tests can make llama.cpp absent
 from .adapters import adapter_tokenizer_dir, load_adapter, read_adapter, resolve_base
+from .card import public_name
 from .gguf_families import (
     FAMILY_ARCHS,
     NORM_PLUS_ONE,
@@ -297,7 +298,8 @@ def export_gguf(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         log(f"writing {out} ({quant}; norms and biases F32)")
-        write_gguf(tmp, merged, vocab, arch, quant, name, "none" if alone else str(info.path.resolve()))
+        # The adapter by its directory's name: a shared file must not carry this machine's paths.
+        write_gguf(tmp, merged, vocab, arch, quant, name, "none" if alone else public_name(str(info.path.resolve())))
         check = None
         if verify:
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)

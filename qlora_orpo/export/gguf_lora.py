@@ -42,6 +42,7 @@ import torch
 
 from ..core.files import atomic_write_text, fsync_dir
 from .adapters import WEIGHTS_FILE, adapter_tokenizer_dir, read_adapter, resolve_base
+from .card import public_name
 from .gguf import OURS_KEY, PERMUTE_QK, _check_outputs, export_gguf, gguf_arch, permute_qk
 from .gguf_llamacpp import llama_cpp_available
 from .gguf_lora_check import LlamaCppCheck, check_structure, run_llama_cpp, tensor_name_map
@@ -263,7 +264,8 @@ def export_gguf_lora(
     structural, llama, judge = None, None, "none"
     try:
         log(f"writing {out} ({len(pairs)} LoRA pairs, F32, alpha {alpha:.6g})")
-        write_gguf_lora(tmp, tensors, arch, alpha, name, str(info.path.resolve()))
+        # The adapter by its directory's name: a shared file must not carry this machine's paths.
+        write_gguf_lora(tmp, tensors, arch, alpha, name, public_name(str(info.path.resolve())))
         if verify:
             structural, llama, judge = _verify(tmp, info, base_path, base_file, tokenizer, config, arch, force,
                                                texts, max_tokens, greedy_tokens)
