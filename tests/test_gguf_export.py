@@ -275,7 +275,7 @@ def test_export_script_writes_gguf(cases, tmp_path, capsys):
 def test_config_export_is_a_choice_and_accepts_old_booleans():
     assert OrpoConfig(export=True).export == "merged" and OrpoConfig(export=False).export == "none"
     assert OrpoConfig(export="gguf", gguf_quant="q8_0").gguf_quant == "q8_0"
-    with pytest.raises(ConfigError, match="export: 'yes please' is not one of none, merged, gguf"):
+    with pytest.raises(ConfigError, match="export: 'yes please' is not one of none, merged, gguf, gguf-lora"):
         OrpoConfig(export="yes please")
     with pytest.raises(ConfigError, match="gguf_quant"):
         OrpoConfig(gguf_quant="q4_k")

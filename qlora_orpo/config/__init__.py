@@ -216,8 +216,9 @@ class OrpoConfig:
     export: str = _f(
         "none",
         "After training, write a merged model directory (merged) or one GGUF file with an Ollama Modelfile "
-        "(gguf), verified with plain transformers. true/false from older configs mean merged/none.",
-        ("none", "merged", "gguf"),
+        "(gguf), verified with plain transformers, or the adapter as llama.cpp's LoRA GGUF with a base GGUF "
+        "in gguf_quant and a Modelfile (gguf-lora). true/false from older configs mean merged/none.",
+        ("none", "merged", "gguf", "gguf-lora"),
     )
     gguf_quant: str = _f("f16", "GGUF type of the matrices when export is gguf (norms stay F32); q4_k_m etc. "
                          "pick a type per tensor as llama.cpp's llama-quantize does.", GGUF_QUANTS)

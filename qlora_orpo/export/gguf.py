@@ -222,7 +222,7 @@ def write_gguf(path: Path, model: PreTrainedModel, vocab: Vocab, arch: str, quan
 
 
 def export_gguf(
-    adapter_dir: str | Path,
+    adapter_dir: str | Path | None,
     out_path: str | Path,
     quant: str = "f16",
     *,
@@ -236,6 +236,8 @@ def export_gguf(
     """Merge the adapter into its base and write ``out_path`` (``.gguf``) and a ``Modelfile`` beside it.
 
     ``out_path`` not ending in ``.gguf`` is a directory that receives ``model-<quant>.gguf``.
+    ``adapter_dir`` None writes the model ``base`` names alone: the base GGUF that an adapter
+    file of :mod:`qlora_orpo.export.gguf_lora` runs on (llama.cpp ``--lora``, Ollama ``ADAPTER``).
 
     ``base``/``force``/``texts`` as in :func:`~qlora_orpo.export.merged.export_merged`. The file is
     written to a temporary sibling and renamed once verified; an existing ``out_path`` is
@@ -243,7 +245,8 @@ def export_gguf(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..models.loader import load_base
+    from ..models.loader import load_base, resolve_model_path
+    from .adapters import AdapterInfo
 
     start = time.perf_counter()
     if quant not in QUANTS:
@@ -255,8 +258,13 @@ def export_gguf(
         out = out / f"model-{quant}.gguf"
     modelfile = out.parent / "Modelfile"
     _check_outputs(out, modelfile)
-    info = read_adapter(adapter_dir, require_card=not force)
-    base_path = resolve_base(info, base)
+    if adapter_dir is None and not base:
+        raise ExportError("export: without --adapter, name the model to export with --model")
+    alone = adapter_dir is None
+    info = None if alone else read_adapter(adapter_dir, require_card=not force)
+    base_path = resolve_model_path(str(base)) if alone else resolve_base(info, base)
+    # Alone, a card-less AdapterInfo of the base stands in: its tokenizer, the built-in prompts.
+    info = info or AdapterInfo(Path(base_path), {}, None)
     try:
         config = AutoConfig.from_pretrained(base_path)
         arch = gguf_arch(config, f"base {base_path}")  # refuse before loading weights
@@ -271,23 +279,27 @@ def export_gguf(
         raise ExportError(f"base {base_path}: transformers' GGUF reader cannot verify this {arch} file ({blind}); "
                           "install llama.cpp to judge it (pip install 'qlora_orpo[gguf]') or export without verification")
     model = load_base(base_path, "none", "cpu", torch.float32)  # merged in float32, never into 4-bit weights
-    log(f"base {base_path} (float32, CPU); adapter {info.path}; GGUF {arch} {quant}")
-    peft_model = load_adapter(model, tokenizer, info.path, force=force).eval()
+    log(f"base {base_path} (float32, CPU); adapter {'none' if alone else info.path}; GGUF {arch} {quant}")
+    peft_model = None if alone else load_adapter(model, tokenizer, info.path, force=force).eval()
     if verify:
         if texts is None:
             texts, _ = verification_texts(info, tokenizer)
         ids = encode_texts(tokenizer, texts, max_tokens)
-        with peft_model.disable_adapter():
-            base_logits = reference_logits(peft_model, ids)
-    merged = peft_model.merge_and_unload(safe_merge=True).eval()
-    name = f"{(info.card or {}).get('qlora_orpo', {}).get('base', {}).get('name') or Path(base_path).name} ORPO"
+        if alone:
+            base_logits = reference_logits(model, ids)
+        else:
+            with peft_model.disable_adapter():
+                base_logits = reference_logits(peft_model, ids)
+    merged = model.eval() if alone else peft_model.merge_and_unload(safe_merge=True).eval()
+    name = f"{(info.card or {}).get('qlora_orpo', {}).get('base', {}).get('name') or Path(base_path).name}"
+    name += "" if alone else " ORPO"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         log(f"writing {out} ({quant}; norms and biases F32)")
         # The adapter by its directory's name: a shared file must not carry this machine's paths.
-        write_gguf(tmp, merged, vocab, arch, quant, name, public_name(str(info.path.resolve())))
+        write_gguf(tmp, merged, vocab, arch, quant, name, "none" if alone else public_name(str(info.path.resolve())))
         check = None
         if verify:
             reference = reference_outputs(merged, tokenizer, texts, ids, vocab.end_of_turn, greedy_tokens)
@@ -308,7 +320,7 @@ def export_gguf(
         verdict = (f"judged by {check.judge}: max |GGUF - merged| logit difference {check.max_abs_diff:.3g} <= tolerance {check.tolerance:.3g}"
                    f", top-1 agreement {check.top1_agreement:.3f}, greedy identical {check.greedy_identical}/"
                    f"{check.greedy_runs}")
-        if check.adapter_effect <= check.tolerance:
+        if not alone and check.adapter_effect <= check.tolerance:  # alone, there is no adapter to see
             log(f"note: the adapter moves logits by at most {check.adapter_effect:.3g}, within the {quant} "
                 f"tolerance {check.tolerance:.3g}; this check cannot tell a merged adapter from a missing one")
     log(f"wrote {out} ({size / 1e6:.1f} MB {quant}) and {modelfile}; {verdict}; {result.seconds:.1f} s")

@@ -278,7 +278,7 @@ def finish(
 
 
 def export(cfg: OrpoConfig, adapter_dir: Path, run_dir: Path) -> None:
-    """``--export``: the merged model or a GGUF file beside the adapter."""
+    """``--export``: the merged model, a GGUF file, or the adapter as a llama.cpp LoRA GGUF beside the adapter."""
     if cfg.export == "merged":
         from ..export.merged import export_merged
 
@@ -287,6 +287,10 @@ def export(cfg: OrpoConfig, adapter_dir: Path, run_dir: Path) -> None:
         from ..export.gguf import export_gguf
 
         export_gguf(adapter_dir, run_dir / "gguf" / f"{run_dir.name}-{cfg.gguf_quant}.gguf", cfg.gguf_quant)
+    elif cfg.export == "gguf-lora":
+        from ..export.gguf_lora import export_gguf_lora
+
+        export_gguf_lora(adapter_dir, run_dir / "gguf-lora", base_quant=cfg.gguf_quant)
 
 
 def save_final_adapter(
