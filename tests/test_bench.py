@@ -284,9 +284,9 @@ def test_natural_benchmark_trains_the_same_pairs_with_trl_and_ours(tiny_model_di
     from qlora_orpo.bench.natural import run_in_subprocess as run_natural
 
     rows = [run_natural(NaturalSpec(method=m, max_length=64, steps=2, pairs_per_step=2, model=str(tiny_model_dir)),
-                        timeout=600) for m in ("trl", "sequential", "shared-packed")]
+                        timeout=600) for m in ("trl", "sequential", "shared-packed-nogc")]
     for row in rows:
         assert "error" not in row, row.get("error")
         assert row["pairs"] == 4 and len(row["step_seconds"]) == 2 and row["seconds_per_step"] > 0
     table = markdown(rows)
-    assert "| 64 | trl |" in table and "1.00x" in table and "shared-packed" in table
+    assert "| 64 | trl |" in table and "1.00x" in table and "| 64 | shared-packed-nogc |" in table

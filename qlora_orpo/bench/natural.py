@@ -31,12 +31,16 @@ from typing import Any
 
 from ..config import EMBEDDED, OrpoConfig
 
-# (step mode, pairs per micro-batch): the recipe's shape is batch 1 x grad_accum 8.
+# (step mode, pairs per micro-batch): the recipe's shape is batch 1 x grad_accum 8. A "-nogc"
+# suffix turns gradient checkpointing off, as TRL's defaults (and the recipes) have it.
 NATURAL_METHODS: dict[str, tuple[str, int]] = {
     "sequential": ("sequential", 1), "split": ("split", 1), "joint": ("joint", 1), "auto": ("auto", 1),
     "shared": ("shared", 1), "shared-packed": ("shared", 8),
 }
-PEER = "trl"
+NATURAL_METHODS.update({f"{name}-nogc": shape for name, shape in list(NATURAL_METHODS.items())})
+NO_CHECKPOINTING = "-nogc"
+PEER = "trl"  # TRL's ORPOTrainer with its defaults (gradient checkpointing and bf16 on)
+PEERS = (PEER, PEER + NO_CHECKPOINTING)  # and with gradient_checkpointing=False, its one change
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[fl
         model=spec.model, data=str(data_file), max_length=spec.max_length, max_steps=spec.steps,
         batch_size=batch, grad_accum=spec.pairs_per_step // batch, step=mode, pack_tokens=spec.pack_tokens,
         beta=spec.beta, seed=spec.seed, eval_fraction=0.0, health_prompts=0, eval_every=0, save_every=0,
+        gradient_checkpointing=not spec.method.endswith(NO_CHECKPOINTING),
         log_every=1, output_dir=str(out_dir), run_name="ours",
     )
     run(cfg)
@@ -131,6 +136,7 @@ def run_trl(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[flo
         output_dir=str(out_dir / "trl"), per_device_train_batch_size=1,
         gradient_accumulation_steps=spec.pairs_per_step, max_steps=spec.steps, max_length=spec.max_length,
         beta=spec.beta, seed=spec.seed, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
+        **({"gradient_checkpointing": False} if spec.method.endswith(NO_CHECKPOINTING) else {}),
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     ends: list[float] = []
@@ -151,7 +157,7 @@ def worker_main(spec_json: str) -> int:
     with tempfile.TemporaryDirectory(prefix="qlora-orpo-natural-") as tmp:
         data_file = Path(tmp) / "pairs.jsonl"
         pairs = write_pairs(spec, data_file)
-        runner = run_trl if spec.method == PEER else run_ours
+        runner = run_trl if spec.method in PEERS else run_ours
         ends, start = runner(spec, data_file, Path(tmp))
         result = {**asdict(spec), "pairs": pairs, **_summary(ends, start, count_tokens(spec, data_file))}
     print("RESULT " + json.dumps(result), flush=True)
@@ -172,21 +178,26 @@ def run_in_subprocess(spec: NaturalSpec, timeout: float | None = None) -> dict[s
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| max_length | method | s / optimizer step | first step s | tokens / s | peak RSS MiB | vs TRL |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    peer = {r["max_length"]: r["seconds_per_step"] for r in results if r["method"] == PEER and "error" not in r}
+    lines = ["| max_length | method | s / optimizer step | first step s | tokens / s | peak RSS MiB | vs TRL's defaults "
+             "| vs TRL, same checkpointing |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    seconds = {(r["max_length"], r["method"]): r["seconds_per_step"] for r in results if "error" not in r}
+
+    def ratio(r: dict[str, Any], peer: str) -> str:
+        base = seconds.get((r["max_length"], peer))
+        return f"{r['seconds_per_step'] / base:.2f}x" if base else ""
+
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['max_length']} | {r['method']} | error: {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['max_length']} | {r['method']} | error: {r['error'][:120]} | | | | | |")
             continue
-        ratio = f"{r['seconds_per_step'] / peer[r['max_length']]:.2f}x" if r["max_length"] in peer else ""
+        same = PEERS[1] if r["method"].endswith(NO_CHECKPOINTING) else PEER
         lines.append(f"| {r['max_length']} | {r['method']} | {r['seconds_per_step']:.2f} | {r['first_step_s']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {ratio} |")
+                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {ratio(r, PEER)} | {ratio(r, same)} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    if json.loads(sys.argv[1])["method"] != PEER:
+    if json.loads(sys.argv[1])["method"] not in PEERS:
         # As `qlora-orpo train` runs: under the allocator its default policy preloads (mimalloc
         # from the cmeel-mimalloc wheel here). TRL's trainer runs as its users run it.
         from ..models.memory import reexec_with_allocator

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..bench.natural import NATURAL_METHODS, PEER, NaturalSpec, markdown, run_in_subprocess
+from ..bench.natural import NATURAL_METHODS, PEER, PEERS, NaturalSpec, markdown, run_in_subprocess
 from ..bench.report import describe_machine, markdown_table, write_report
 from ..bench.spec import ALLOCATORS, DEFAULT_METHODS, LENGTHS, METHODS, QUICK_LENGTHS, BenchSpec, plan
 from ..bench.tiny import build_tiny_model_dir
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per configuration")
     parser.add_argument("--out", type=Path, help="directory for results.json, results.md and memory_vs_length.png "
                         "(default bench_results/orpo-<time>)")
-    parser.add_argument("--natural", type=_csv(str, (PEER, *NATURAL_METHODS)),
+    parser.add_argument("--natural", type=_csv(str, (*PEERS, *NATURAL_METHODS)),
                         help="train natural-length HH pairs instead, with each tool's own trainer: TRL's "
                         f"ORPOTrainer ('{PEER}') and ours in these modes, from {', '.join(NATURAL_METHODS)} "
                         "(--steps optimizer steps of 8 pairs; --lengths default 512,1024)")
