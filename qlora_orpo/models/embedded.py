@@ -124,36 +124,51 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 
 def embedded_model_dir() -> Path:
-    """The embedded model as a plain transformers directory, converted from the GGUF on first use.
+    """The embedded model as a plain transformers directory, converted from the GGUF on first use."""
+    return converted_model_dir(embedded_gguf_path(), EMBEDDED_DIRNAME, "model 'embedded'")
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    """A GGUF file the user already has (Ollama's or LM Studio's store) as a transformers directory.
+
+    Converted once, like the embedded model, into ``<cache>/gguf-<name>-<hash of its path>``;
+    the marker records the file's sha256, which the adapter card then carries (``converted_from``).
+    """
+    gguf = gguf.expanduser().resolve()
+    key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
+    return converted_model_dir(gguf, f"gguf-{gguf.stem[:60]}-{key}", f"model {gguf}")
+
+
+def converted_model_dir(gguf: Path, dirname: str, label: str) -> Path:
+    """``gguf`` converted into ``<cache>/<dirname>`` once, re-used while the file is unchanged.
 
     The conversion writes into a temporary directory beside the cache and renames it into
     place, so an interrupted conversion never leaves a half-written cache behind; the
     marker file records which GGUF (size, sha256) it came from, so that another version
-    of the package triggers a fresh conversion.
+    of the file triggers a fresh conversion.
     """
-    gguf = embedded_gguf_path()
     root = cache_root()
-    target = root / EMBEDDED_DIRNAME
+    target = root / dirname
     if _cache_is_current(target, gguf):
         return target
     try:
-        with _exclusive_lock(root / f".{EMBEDDED_DIRNAME}.lock"):
+        with _exclusive_lock(root / f".{dirname}.lock"):
             if _cache_is_current(target, gguf):  # another process finished while we waited
                 return target
             # Holding the lock, any temporary directory left here is from a killed conversion.
-            for leftover in root.glob(f".{EMBEDDED_DIRNAME}.*-*"):
+            for leftover in root.glob(f".{dirname}.*-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-            log.info("converting the embedded GGUF model into %s (once)", target)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}.tmp-", dir=root))
+            log.info("converting the GGUF model %s into %s (once)", gguf.name, target)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.tmp-", dir=root))
             try:
-                _convert_gguf(gguf, tmp)
+                _convert_gguf(gguf, tmp, label)
                 _swap_into_place(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     except OSError as exc:  # unwritable cache, full disk
         raise ModelError(
-            f"model 'embedded': cannot write the converted model under {root} ({exc.strerror or exc}); "
+            f"{label}: cannot write the converted model under {root} ({exc.strerror or exc}); "
             f"set {CACHE_ENV} to a writable directory"
         ) from exc
     return target
@@ -191,13 +206,17 @@ def _restore_pre_tokenizer(tokenizer: Any, gguf: Path) -> None:
     ])
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, label: str = "model 'embedded'") -> None:
     """Dequantise ``gguf`` and write it to ``out`` as safetensors + config + tokenizer."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as exc:  # transformers' GGUF reader
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{label}: transformers cannot read this GGUF file ({first})") from exc
     _restore_pre_tokenizer(tokenizer, gguf)
 
     # save_pretrained refuses a GGUF-loaded model, so write the pieces ourselves.
@@ -233,7 +252,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         if name in dropped:
             continue
         if not torch.equal(stored[name], tensor):
-            raise ModelError(f"embedded model conversion: tensor {name} did not round-trip")
+            raise ModelError(f"{label}: conversion of tensor {name} did not round-trip")
 
     marker = {**_source_marker(gguf), "tied_dropped": sorted(dropped)}
     # The marker is written last: a directory without it is never trusted.

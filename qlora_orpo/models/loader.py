@@ -33,7 +33,7 @@ from ..config import EMBEDDED, OrpoConfig
 from ..core.errors import ConfigError, ModelError
 from ..core.launcher import sharding_from_env
 from .bnb_cpu import disable_bnb_cpu_repacking, import_bitsandbytes_quietly
-from .embedded import embedded_model_dir
+from .embedded import embedded_model_dir, gguf_model_dir
 from .memory import malloc_trim
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; loaded lazily at run time
@@ -59,16 +59,19 @@ QUANT_TYPES = ("nf4", "fp4", "none")
 def resolve_model_path(name: str) -> str:
     """A local directory holding the model named by ``name``.
 
-    ``"embedded"`` is the converted SmolLM2 model; an existing directory is used as it is;
+    ``"embedded"`` is the converted SmolLM2 model; a ``.gguf`` file is converted once into the
+    cache (:func:`~qlora_orpo.models.embedded.gguf_model_dir`); an existing directory is used as it is;
     anything else that looks like a hub id is looked up in the local Hugging Face cache,
     then downloaded if the hub is reachable (not in offline mode).
     """
     if name == EMBEDDED:
         return str(embedded_model_dir())
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":  # a GGUF the user already has: converted once
+        return str(gguf_model_dir(path))
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"model {name}: is a file; expected a transformers model directory")
+            raise ModelError(f"model {name}: is a file; expected a transformers model directory or a .gguf file")
         _check_causal_lm_dir(path, name)
         return str(path)
     if not _HUB_ID.match(name):  # an absolute or relative path, not "owner/name"
