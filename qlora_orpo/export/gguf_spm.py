@@ -39,6 +39,7 @@ from .gguf_vocab import (
     VocabError,
     build_vocab,
     end_of_turn_token,
+    write_special_tokens,
     write_vocab,
 )
 
@@ -194,11 +195,4 @@ def write_any_vocab(writer: Any, vocab: Vocab) -> None:
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.token_types)
     writer.add_add_space_prefix(vocab.add_space_prefix)
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
-              "pad": writer.add_pad_token_id, "eot": writer.add_eot_token_id}
-    for name, token_id in vocab.special_ids.items():
-        adders[name](token_id)
-    writer.add_add_bos_token(vocab.add_bos)
-    writer.add_add_eos_token(vocab.add_eos)
-    if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
+    write_special_tokens(writer, vocab)

@@ -144,6 +144,11 @@ def write_vocab(writer: Any, vocab: Vocab) -> None:
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
+    write_special_tokens(writer, vocab)
+
+
+def write_special_tokens(writer: Any, vocab: Any) -> None:
+    """The keys every tokenizer model shares: special token ids, BOS/EOS adding, the chat template."""
     adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
               "pad": writer.add_pad_token_id, "eot": writer.add_eot_token_id}
     for name, token_id in vocab.special_ids.items():
