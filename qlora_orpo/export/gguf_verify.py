@@ -37,7 +37,7 @@ Q8_0_FACTOR = 16.0
 # Q5_0/Q4_0: 32/16 levels over [-max, max]), and the allowed multiple of it: twice the largest
 # multiple measured (gguf_tolerance's docstring).
 MIX_STEP = {"q6_k": 1 / 32, "q5_k_m": 2 / 31, "q4_k_m": 2 / 15, "q5_0": 1 / 16, "q4_0": 1 / 8}
-MIX_FACTOR = {"q6_k": 13.0, "q5_k_m": 10.0, "q4_k_m": 8.0, "q5_0": 16.0, "q4_0": 10.0}
+MIX_FACTOR = {"q6_k": 13.0, "q5_k_m": 24.0, "q4_k_m": 8.0, "q5_0": 16.0, "q4_0": 10.0}
 GREEDY_TOKENS = 24
 
 
@@ -83,8 +83,10 @@ def gguf_tolerance(quant: str, logit_scale: float) -> float:
       and Qwen2 (where rows of 64 send the K-quants to their Q5_0/Q5_1/Q8_0 fallbacks), two 8-layer
       256-wide random Llamas (untied, then tied; real K-quants) and SmolLM2-135M + shipped adapter:
       q6_k 1.5, 1.9, 2.3, 6.3, 1.4; q5_k_m 4.6, 4.0, 1.9, 3.0, 2.3; q4_k_m 3.7, 2.1, 2.1, 3.5,
-      0.9; q5_0 7.8, 4.4, 2.8, 3.9, 2.2; q4_0 4.9, 3.9, 3.0, 4.4, 2.1. The bounds come to
-      0.41 (q6_k), 0.65 (q5_k_m), 1.07 (q4_k_m), 1.0 (q5_0) and 1.25 (q4_0) times max|logit| (on
+      0.9; q5_0 7.8, 4.4, 2.8, 3.9, 2.2; q4_0 4.9, 3.9, 3.0, 4.4, 2.1. Judged by llama.cpp, the
+      tiny SentencePiece Llama-2 of ``scripts/gguf_family_table.py`` measured q5_k_m 12.0 (its
+      Q5_1 fallbacks, beyond llama.cpp's own activation rounding), so q5_k_m allows 24. The bounds come to
+      0.41 (q6_k), 1.55 (q5_k_m), 1.07 (q4_k_m), 1.0 (q5_0) and 1.25 (q4_0) times max|logit| (on
       SmolLM2, max|logit| 47.4: measured 2.0, 7.2, 5.8, 6.5, 12.6 against 19.3, 30.6, 50.6, 47.4,
       59.3). At 4 and 5 bits the random test models' near-flat logits move by half their scale, so
       this check only catches breakage that moves logits by more than their own size (a missing or
