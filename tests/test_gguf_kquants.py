@@ -217,8 +217,11 @@ def test_file_types_and_quant_choices_agree_everywhere():
     quant_flag = next(a for a in build_parser()._actions if a.dest == "quant")
     assert tuple(quant_flag.choices) == GGUF_QUANTS
     scale = 20.0
-    bounds = [GV.gguf_tolerance(q, scale) for q in ("q8_0", "q6_k", "q5_k_m", "q4_k_m")]
+    bounds = [GV.gguf_tolerance(q, scale) for q in ("q8_0", "q6_k", "q4_k_m")]
     assert bounds == sorted(bounds) and GV.gguf_tolerance("q5_0", scale) < GV.gguf_tolerance("q4_0", scale)
+    # q5_k_m is the exception, by measurement: its Q5_1 fallbacks read back worse than q4_k_m's
+    # (gguf_tolerance's docstring), so its bound is the widest of the mixes.
+    assert GV.gguf_tolerance("q5_k_m", scale) > GV.gguf_tolerance("q4_k_m", scale)
 
 
 # --------------------------------------------------------------------------------------------

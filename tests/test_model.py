@@ -171,7 +171,7 @@ def test_conversion_is_reused(embedded_dir, monkeypatch):
 
 
 def _fake_converter(calls: list[Path], fail: bool = False):
-    def convert(gguf: Path, out: Path) -> None:
+    def convert(gguf: Path, out: Path, label: str = "") -> None:
         calls.append(out)
         (out / "config.json").write_text("{}")
         if fail:
