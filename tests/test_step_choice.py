@@ -110,3 +110,14 @@ def test_an_out_of_memory_pass_is_retried_leaner_with_nothing_left_behind_and_re
     assert pick.counts == {"shared": 1, "sequential": 2, "split": 0}  # the third chose leaner at once
     assert "1 out-of-memory retry (shared->sequential), at most sequential since" in pick.describe()
     assert_grads_close(got, want)
+
+
+def test_shared_only_where_it_saves_tokens():
+    """A short prompt with long replies: the shared row holds ~all of both sides' tokens and costs
+    more attention, so auto keeps sequential however large the budget (docs/benchmarks.md, 2048)."""
+    from qlora_orpo.data.collate import TokenizedPair
+
+    short_prompt = TokenizedPair((3, 4), tuple(range(5, 1005)), tuple(range(5, 1005)), row=1)
+    long_prompt = TokenizedPair(tuple(range(3, 803)), tuple(range(5, 205)), tuple(range(5, 205)), row=2)
+    assert chooser(100_000, shared=True)(collate_pairs([short_prompt], pad_token_id=0)) == "sequential"
+    assert chooser(100_000, shared=True)(collate_pairs([long_prompt], pad_token_id=0)) == "shared"

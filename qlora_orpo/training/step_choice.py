@@ -5,9 +5,8 @@ forward and one backward; ``sequential`` holds both sides' checkpointed activati
 one backward; ``split`` holds one side at a time and pays an extra no-grad forward of the
 rejected side. All three give the joint loss's gradient. The choice compares the analytic
 memory floor (``models/floor.py``) of the micro-batch's shape, times a measured overhead
-factor, with the budget: ``shared`` when its rows fit (they hold fewer tokens than the two
-sides of ``sequential``, so it fits whenever ``sequential`` would), else ``sequential``, else
-``split``.
+factor, with the budget: ``shared`` when its rows fit and save tokens (at most
+:data:`SHARED_MAX_SHARE` of the two sides'), else ``sequential``, else ``split``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,10 @@ if TYPE_CHECKING:
     from ..config import OrpoConfig
 
 MIB = 2**20
-RICHNESS = ("shared", "sequential", "split")  # fastest and hungriest first: auto's order of preference
+RICHNESS = ("shared", "sequential", "split")
+# The shared layout is taken when its rows hold at most this share of the two sides' tokens
+# (natural HH pairs: 223 against 346, 0.64; a short prompt with 2048-token replies: ~0.98).
+SHARED_MAX_SHARE = 0.8  # fastest and hungriest first: auto's order of preference
 # Measured peak above baseline / analytic floor for the split step on the embedded model:
 # 1.3 to 2.1 from 2048 down to 256 tokens (docs/benchmarks.md); the upper end, to be safe.
 OVERHEAD_FACTOR = 2.1
@@ -91,7 +93,12 @@ class StepChooser:
         if self.shared and batch.pairs:
             packed = assign_rows(batch.pairs, self.pack_tokens)
             width = max(sum(shared_length(batch.pairs[i]) for i in row) for row in packed)
-            mode = "shared" if self.predicted_bytes(width, len(packed)) <= self.budget_bytes else mode
+            # Shared only where it saves tokens: with a short prompt, one row of prompt + both
+            # replies costs more attention than two sides and saves almost nothing (2048-token
+            # sides: 1.56x slower, 95 MiB more than sequential; docs/benchmarks.md).
+            saves = len(packed) * width <= SHARED_MAX_SHARE * 2 * rows * length
+            if saves and self.predicted_bytes(width, len(packed)) <= self.budget_bytes:
+                mode = "shared"
         if self.ceiling is not None and RICHNESS.index(mode) < RICHNESS.index(self.ceiling):
             mode = self.ceiling
         if self.agree is not None:
