@@ -94,9 +94,15 @@ class RunEvaluator:
         return self.base_scores, self.base_health
 
     # -- the base's evaluation cache (base_cache.py) --------------------------------------------
-    def _caches(self) -> bool:
+    def _cache_allowed(self) -> bool:
         # FSDP2: every rank must run the same forwards in step, so no rank may skip them alone.
-        return bool(getattr(self.cfg, "eval_cache", False)) and self.sharded is None and bool(self.pairs)
+        return bool(getattr(self.cfg, "eval_cache", False)) and self.sharded is None
+
+    def _caches(self) -> bool:
+        return self._cache_allowed() and bool(self.pairs)
+
+    def _settings(self) -> dict[str, Any]:
+        return {name: getattr(self.cfg, name) for name in EVAL_FIELDS}
 
     def _from_cache(self) -> bool:
         """Fill the base's scores and health from the cache; True on a hit (and it says so)."""
@@ -184,7 +190,7 @@ class RunEvaluator:
         self._record("after", step, metrics, health, selected_step=selected)
         base_scores, base_health = self._base()
         result = {
-            "settings": {name: getattr(self.cfg, name) for name in EVAL_FIELDS},
+            "settings": self._settings(),
             "pairs": self.where,
             "base": summarise_scores(base_scores, self.cfg.beta),
             "adapter": metrics,
@@ -209,7 +215,7 @@ class RunEvaluator:
         scores = self._scores(pairs)
         base = self._test_base(pairs)
         result = {
-            "settings": {name: getattr(self.cfg, name) for name in EVAL_FIELDS},
+            "settings": self._settings(),
             "pairs": {"data": source, "held_out": test_count, "evaluated": len(pairs), "split": "test"},
             "base": summarise_scores(base, self.cfg.beta),
             "adapter": summarise_scores(scores, self.cfg.beta),
@@ -228,7 +234,7 @@ class RunEvaluator:
     def _test_base(self, pairs: list[TokenizedPair]) -> PairScores:
         """The base's scores on the test pairs: from the evaluation cache, else with the adapter off."""
         key = None
-        if bool(getattr(self.cfg, "eval_cache", False)) and self.sharded is None:
+        if self._cache_allowed():
             key = base_cache.cache_key(self.model, self.tokenizer, self.cfg, pairs, [], self.device)
             hit = base_cache.load(key)
             if hit is not None and len(hit[0].chosen_logps) == len(pairs):
