@@ -53,7 +53,8 @@ from .loss import orpo_logp_grads, orpo_loss, sequence_logps
 from .shared import shared_logps
 
 STEP_MODES = ("split", "sequential", "joint", "shared", "auto")
-LEANER_MODE = {"shared": "sequential", "sequential": "split"}  # --step auto's retry after an out-of-memory error
+AUTO_MODES = ("shared", "sequential", "split")  # --step auto's choices, fastest and hungriest first
+LEANER_MODE = dict(zip(AUTO_MODES[:-1], AUTO_MODES[1:], strict=True))  # its retry after an out-of-memory error
 
 
 @dataclass

@@ -22,12 +22,12 @@ from ..config import row_tokens
 from ..data.collate import PairBatch
 from ..data.packing import assign_rows, shared_length
 from ..models.floor import ModelShape, memory_floor
+from .step import AUTO_MODES
 
 if TYPE_CHECKING:
     from ..config import OrpoConfig
 
 MIB = 2**20
-RICHNESS = ("shared", "sequential", "split")
 # The shared layout is taken when its rows hold at most this share of the two sides' tokens
 # (natural HH pairs: 223 against 346, 0.64; a short prompt with 2048-token replies: ~0.98).
 SHARED_MAX_SHARE = 0.8  # fastest and hungriest first: auto's order of preference
@@ -76,7 +76,7 @@ class StepChooser:
         self.retries.append((failed, leaner))
         self.counts[failed] -= 1
         self.counts[leaner] += 1
-        if self.ceiling is None or RICHNESS.index(leaner) > RICHNESS.index(self.ceiling):
+        if self.ceiling is None or AUTO_MODES.index(leaner) > AUTO_MODES.index(self.ceiling):
             self.ceiling = leaner
 
     def predicted_bytes(self, tokens_per_side: int, sides: int) -> int:
@@ -99,7 +99,7 @@ class StepChooser:
             saves = len(packed) * width <= SHARED_MAX_SHARE * 2 * rows * length
             if saves and self.predicted_bytes(width, len(packed)) <= self.budget_bytes:
                 mode = "shared"
-        if self.ceiling is not None and RICHNESS.index(mode) < RICHNESS.index(self.ceiling):
+        if self.ceiling is not None and AUTO_MODES.index(mode) < AUTO_MODES.index(self.ceiling):
             mode = self.ceiling
         if self.agree is not None:
             mode = self.agree(mode)
