@@ -34,6 +34,7 @@ from ..core.errors import ConfigError, ModelError
 from ..core.launcher import sharding_from_env
 from .bnb_cpu import disable_bnb_cpu_repacking, import_bitsandbytes_quietly
 from .embedded import embedded_model_dir, gguf_model_dir
+from .lora_forward import use_lean_lora_forward
 from .memory import malloc_trim
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; loaded lazily at run time
@@ -327,6 +328,7 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
             peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise ConfigError(f"lora_targets: {_first_line(exc)}") from exc
+    use_lean_lora_forward(peft_model)  # no clone, no [tokens, in] casts per 4-bit layer (lora_forward.py)
 
     trainable, total = peft_model.get_nb_trainable_parameters()  # counts 4-bit weights unpacked
     info = ModelInfo(

@@ -104,7 +104,7 @@ def _finetune(
                       run_dir, str(data.source), checkpoint)
     step = trainer.state.step
     metrics_log = (
-        MetricsLogger(run_dir, cfg.report_to, resume_step=step if resume else None, config=cfg.to_dict())
+        MetricsLogger(run_dir, cfg.report_to, resume_step=resume_step(resume, checkpoint, step), config=cfg.to_dict())
         if dist.is_main else distributed.NullLog()
     )
     # Before/periodic/after evaluations, health checks and best-checkpoint selection: run_evaluator.py.
@@ -136,7 +136,8 @@ def open_run(
     the process ends): a second run in the same directory is refused while this one trains,
     on every rank (rank 0 broadcasts its answer).
     Without ``--resume`` a directory that already holds a run (its config, metrics or
-    checkpoints) is refused, even one that died before its first checkpoint.
+    checkpoints) is refused, even one that died before its first checkpoint; ``--resume``
+    starts such a run over from step 0 with its recorded config (its old metrics dropped).
     """
     if not resume:
         dist.check_export(cfg.export)  # before anything is written (a resume checks its recorded config below)
@@ -160,11 +161,16 @@ def open_run(
     # A damaged newest checkpoint (a flipped bit, a truncated file) gives way to the one before, saying so.
     checkpoint = resumable_checkpoint(run_dir, log) if resume else None
     if resume:
-        if checkpoint is None:
-            raise UserError(f"--resume: {run_dir} has no complete checkpoint")
+        if checkpoint is None and not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} has no complete checkpoint and no recorded config.yaml")
         # The run's own config, not today's defaults; only schedule-independent fields may change.
         cfg, changes = resume_config(run_dir, given_fields(cfg) if overrides is None else overrides)
-        log(f"resuming {run_dir} from {checkpoint.name}" + (f"; changed {'; '.join(changes)}" if changes else ""))
+        changed = f"; changed {'; '.join(changes)}" if changes else ""
+        if checkpoint is None:  # it died before its first save: nothing to keep but its config
+            log(f"--resume: {run_dir} stopped before its first checkpoint; starting it over from step 0 "
+                f"with its recorded config{changed}")
+        else:
+            log(f"resuming {run_dir} from {checkpoint.name}{changed}")
     elif any((run_dir / name).exists() for name in RUN_FILES):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
     dist.check_export(cfg.export)
@@ -175,6 +181,14 @@ def open_run(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     return cfg, run_dir, checkpoint
+
+
+def resume_step(resume: bool, checkpoint: Path | None, step: int) -> int | None:
+    """The step after which a run's old metrics are dropped: None (a new run, nothing to drop),
+    the checkpoint's step, or -1 (all of them) for a run started over before its first checkpoint."""
+    if not resume:
+        return None
+    return step if checkpoint is not None else -1
 
 
 def resolve_run_dir(cfg: OrpoConfig, resume: bool, claim: bool = True) -> Path:
