@@ -24,7 +24,6 @@ from conftest import build_tiny_llama, build_tokenizer
 from safetensors.torch import load_file
 from test_train import WORDS, tiny_config
 
-from qlora_orpo.core.errors import UserError
 from qlora_orpo.recipes.finetune import run
 from qlora_orpo.training.checkpoint import latest_checkpoint
 from qlora_orpo.training.metrics import read_metrics
