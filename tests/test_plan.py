@@ -129,7 +129,7 @@ def test_plan_takes_model_as_a_flag_like_every_other_subcommand(llama3_dir, caps
 
 def test_plan_predicts_each_step_mode_and_what_auto_would_pick(llama3_dir, capsys):
     shape = P.model_shape(P.read_model_config(str(llama3_dir))[0], "x")
-    peak = {mode: P.predict_mode(shape, 2048, 1, mode, reserve_gib=0.5).peak_bytes for mode in P.STEP_MODES}
+    peak = {mode: P.predict_mode(shape, 2048, 1, mode, reserve_gib=0.5).peak_bytes for mode in P.AUTO_MODES}
     # One side alive (split) < both sides (sequential); a shared row at its widest holds 2L - 1 tokens.
     assert peak["split"] < peak["sequential"]
     assert peak["shared"] == pytest.approx(peak["sequential"], rel=0.05)  # as many tokens alive
@@ -140,6 +140,6 @@ def test_plan_predicts_each_step_mode_and_what_auto_would_pick(llama3_dir, capsy
     assert P.auto_mode(shape, 2048, 1, peak["split"] - 1, reserve_gib=0.5) is None
     assert main(["plan", "--model", str(llama3_dir), "--max-length", "2048", "--gpu-memory", "24"]) == 0
     out = capsys.readouterr().out
-    for mode in P.STEP_MODES:
+    for mode in P.AUTO_MODES:
         assert f"| --step {mode} |" in out
     assert "--step auto in 24 GiB, float32:" in out

@@ -9,8 +9,8 @@ forward computes the same function with the LoRA weights cast to the input's dty
 the two results without a clone. In float32 compute and without dropout it is peft's
 arithmetic (to the bit when the scaling is a power of two, as ``lora_alpha = 2 r`` gives); in
 bfloat16 compute the two LoRA matmuls round their inputs to bfloat16, as ``torch.autocast``
-does for them under TRL's ``bf16=True``. The weights, their gradients and the optimizer states stay float32.
-On the CPU its dropout draws its mask with :func:`cpu_dropout` (same distribution, other
+does for them under TRL's ``bf16=True``. The weights, their gradients and the optimizer
+states stay float32. On the CPU its dropout draws its mask with :func:`cpu_dropout` (same distribution, other
 draws than ``F.dropout``'s, a third of the random numbers).
 
 It applies only where peft's forward would take its plain path (one active vanilla LoRA

@@ -135,7 +135,8 @@ def predict(
     return Prediction(variant, floor, overhead, int(reserve_gib * GIB))
 
 
-STEP_MODES = ("shared", "sequential", "split")  # the order --step auto tries them (training/step_choice.py)
+# --step auto's choices, fastest and hungriest first: its chooser and its out-of-memory retry use this order.
+AUTO_MODES = ("shared", "sequential", "split")
 
 
 def shared_row_tokens(max_length: int, pack_tokens: int = 0) -> int:
@@ -165,7 +166,7 @@ def predict_mode(
     elif mode == "shared":
         length, sequences = shared_row_tokens(max_length, pack_tokens), batch_size
     else:
-        raise ValueError(f"unknown step mode {mode!r}; one of {', '.join(STEP_MODES)}")
+        raise ValueError(f"unknown step mode {mode!r}; one of {', '.join(AUTO_MODES)}")
     floor = memory_floor(shape, length, lora_r=kwargs.get("lora_r", 16), chunk_size=kwargs.get("chunk_size", 64),
                          activation_bytes=width, param_bytes=width, sequences=sequences)
     return Prediction(kwargs.get("variant", "float32"), floor, kwargs.get("overhead", OVERHEAD),
@@ -173,8 +174,8 @@ def predict_mode(
 
 
 def auto_mode(shape: ModelShape, max_length: int, batch_size: int, budget_bytes: int, **kwargs: Any) -> str | None:
-    """What ``--step auto`` would pick at the worst case: the first of :data:`STEP_MODES` that fits."""
-    for mode in STEP_MODES:
+    """What ``--step auto`` would pick at the worst case: the first of :data:`AUTO_MODES` that fits."""
+    for mode in AUTO_MODES:
         if predict_mode(shape, max_length, batch_size, mode, **kwargs).peak_bytes <= budget_bytes:
             return mode
     return None
@@ -254,7 +255,7 @@ def render(
     for name, value in rows:
         lines.append(f"| **{name}** | **{_gib(value(preds['float32']))}** | **{_gib(value(preds['bf16']))}** |")
     lines += ["", "| step mode: predicted peak (GiB), worst case | float32 residual | bf16 residual |", "|---|---:|---:|"]
-    for mode in STEP_MODES:
+    for mode in AUTO_MODES:
         peak = {v: predict_mode(shape, max_length, batch_size, mode, variant=v, **kwargs).peak_bytes for v in VARIANTS}
         lines.append(f"| --step {mode} | {_gib(peak['float32'])} | {_gib(peak['bf16'])} |")
     lines.append(f"  shared: one row per pair at its widest ({shared_row_tokens(max_length)} tokens: prompt + both "

@@ -48,12 +48,12 @@ from torch import nn
 
 from ..data.collate import PairBatch, SideBatch, concat_sides
 from ..data.packing import SharedBatch, pack_shared
+from ..models.plan import AUTO_MODES  # --step auto's choices, fastest and hungriest first
 from .head import OutputHead, chunked_token_logps
 from .loss import orpo_logp_grads, orpo_loss, sequence_logps
 from .shared import shared_logps
 
 STEP_MODES = ("split", "sequential", "joint", "shared", "auto")
-AUTO_MODES = ("shared", "sequential", "split")  # --step auto's choices, fastest and hungriest first
 LEANER_MODE = dict(zip(AUTO_MODES[:-1], AUTO_MODES[1:], strict=True))  # its retry after an out-of-memory error
 
 

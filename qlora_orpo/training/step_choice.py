@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MIB = 2**20
 # The shared layout is taken when its rows hold at most this share of the two sides' tokens
 # (natural HH pairs: 223 against 346, 0.64; a short prompt with 2048-token replies: ~0.98).
-SHARED_MAX_SHARE = 0.8  # fastest and hungriest first: auto's order of preference
+SHARED_MAX_SHARE = 0.8
 # Measured peak above baseline / analytic floor for the split step on the embedded model:
 # 1.3 to 2.1 from 2048 down to 256 tokens (docs/benchmarks.md); the upper end, to be safe.
 OVERHEAD_FACTOR = 2.1
