@@ -283,10 +283,37 @@ def test_natural_benchmark_trains_the_same_pairs_with_trl_and_ours(tiny_model_di
     from qlora_orpo.bench.natural import NaturalSpec, markdown
     from qlora_orpo.bench.natural import run_in_subprocess as run_natural
 
-    rows = [run_natural(NaturalSpec(method=m, max_length=64, steps=2, pairs_per_step=2, model=str(tiny_model_dir)),
+    rows = [run_natural(NaturalSpec(method=m, device="cpu", max_length=64, steps=2, pairs_per_step=2, model=str(tiny_model_dir)),
                         timeout=600) for m in ("trl", "sequential", "shared-packed-nogc")]
     for row in rows:
         assert "error" not in row, row.get("error")
         assert row["pairs"] == 4 and len(row["step_seconds"]) == 2 and row["seconds_per_step"] > 0
     table = markdown(rows)
     assert "| 64 | trl |" in table and "1.00x" in table and "| 64 | shared-packed-nogc |" in table
+
+
+def test_natural_benchmark_trains_both_tools_on_the_chosen_device(monkeypatch, tmp_path):
+    """--device reaches both tools' workers (TRL's ran on the CPU on a GPU machine before), and a
+    GPU run's table reports the GPU's peak rather than the host's RSS."""
+    import qlora_orpo.cli.bench as cli_bench
+    from qlora_orpo.bench.natural import markdown
+
+    specs = []
+
+    def fake_run(spec, timeout=None):
+        specs.append(spec)
+        return {"method": spec.method, "max_length": spec.max_length, "seconds_per_step": 1.0, "first_step_s": 1.0,
+                "tokens_per_s": 10.0, "peak_rss_mib": 900.0}
+
+    monkeypatch.setattr(cli_bench, "run_in_subprocess", fake_run)
+    assert cli_bench.main(["--natural", "trl,auto", "--lengths", "64", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert [s.device for s in specs] == ["cpu", "cpu"]
+    specs.clear()
+    cli_bench.main(["--natural", "auto", "--lengths", "64", "--device", "auto", "--out", str(tmp_path)])
+    assert specs[0].device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    rows = [{"method": m, "max_length": 64, "seconds_per_step": s, "first_step_s": s, "tokens_per_s": 1.0,
+             "peak_rss_mib": 2500.0, "peak_gpu_allocated_mib": g} for m, s, g in (("trl", 2.0, 700.0), ("auto", 1.0, 300.0))]
+    table = markdown(rows)
+    assert "peak GPU MiB (allocated)" in table and "| 300 |" in table and "2500" not in table
+    assert "peak RSS MiB" in markdown([{k: v for k, v in r.items() if k != "peak_gpu_allocated_mib"} for r in rows])

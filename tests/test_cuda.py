@@ -80,8 +80,10 @@ def test_the_lean_lora_forward_gives_peft_s_result_on(tiny_dir, device, compute_
     assert got_logits.device.type == device
     if compute_dtype == torch.float32:
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
-    else:  # the LoRA matmuls round to bfloat16, as under autocast
-        assert (got_logits - want_logits).abs().max() <= 0.02 * want_logits.abs().max()
+    else:  # the LoRA matmuls round to bfloat16, as under autocast: a few bfloat16 steps (2^-8
+        # relative each) at the largest logit. Seen: 2.0% of it on an H100, 1.7% on the CPU here; a wrong
+        # LoRA branch moves logits by their own size.
+        assert (got_logits - want_logits).abs().max() <= 0.04 * want_logits.abs().max()
     assert want_grads.keys() == got_grads.keys() and want_grads
     for name, grad in want_grads.items():
         assert got_grads[name].dtype == torch.float32  # the LoRA weights stay float32

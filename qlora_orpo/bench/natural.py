@@ -46,6 +46,7 @@ PEERS = (PEER, PEER + NO_CHECKPOINTING)  # and with gradient_checkpointing=False
 @dataclass(frozen=True)
 class NaturalSpec:
     method: str  # PEER or a key of NATURAL_METHODS
+    device: str  # both tools train here: cpu, cuda or cuda:N (no default: a GPU run must say so)
     max_length: int = 512
     steps: int = 4
     pairs_per_step: int = 8
@@ -68,8 +69,14 @@ def write_pairs(spec: NaturalSpec, path: Path) -> int:
     return len(chosen)
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_memory(device: str) -> dict[str, float]:
+    """The process's peak RSS; on a GPU also the peak of the tensors allocated there."""
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.startswith("cuda"):
+        import torch
+
+        peak["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 def count_tokens(spec: NaturalSpec, data_file: Path) -> int:
@@ -85,14 +92,14 @@ def count_tokens(spec: NaturalSpec, data_file: Path) -> int:
     return sum(p.num_tokens for p in pairs)
 
 
-def _summary(step_ends: list[float], start: float, tokens: int) -> dict[str, Any]:
+def _summary(step_ends: list[float], start: float, tokens: int, device: str) -> dict[str, Any]:
     """Seconds per step over the whole run: every tool trains the same pairs once, each in its own
     order, so only the whole pass compares (a single step holds different pairs in each tool)."""
     seconds = [b - a for a, b in zip([start, *step_ends[:-1]], step_ends, strict=True)]
     steady = seconds[1:] or seconds
     return {"first_step_s": seconds[0], "seconds_per_step": statistics.mean(seconds),
             "after_first_step_s": statistics.mean(steady), "step_seconds": seconds,
-            "tokens_per_s": tokens / sum(seconds), "peak_rss_mib": _peak_rss_mib()}
+            "tokens_per_s": tokens / sum(seconds), **_peak_memory(device)}
 
 
 def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[float], float]:
@@ -106,7 +113,7 @@ def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[fl
         batch_size=batch, grad_accum=spec.pairs_per_step // batch, step=mode, pack_tokens=spec.pack_tokens,
         beta=spec.beta, seed=spec.seed, eval_fraction=0.0, health_prompts=0, eval_every=0, save_every=0,
         gradient_checkpointing=not spec.method.endswith(NO_CHECKPOINTING),
-        log_every=1, output_dir=str(out_dir), run_name="ours",
+        log_every=1, output_dir=str(out_dir), run_name="ours", device=spec.device,
     )
     run(cfg)
     records = [r for r in read_metrics(out_dir / "ours" / "metrics.jsonl") if r.get("split") == "train"]
@@ -126,10 +133,13 @@ def run_trl(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[flo
     from ..models.loader import resolve_compute_dtype, resolve_model_path
 
     path = resolve_model_path(spec.model)
-    compute_dtype = resolve_compute_dtype("auto", torch.device("cpu"))
+    device = torch.device(spec.device)
+    compute_dtype = resolve_compute_dtype("auto", device)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant)
+    # On a GPU, as TRL's docs load a 4-bit model: onto the device (the Trainer does not move it).
+    placement = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, **placement)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = load_dataset("json", data_files=str(data_file), split="train")
     # Conversational preference rows, as TRL documents them: the replies as assistant turns.
@@ -138,7 +148,8 @@ def run_trl(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[flo
     args = ORPOConfig(
         output_dir=str(out_dir / "trl"), per_device_train_batch_size=1,
         gradient_accumulation_steps=spec.pairs_per_step, max_steps=spec.steps, max_length=spec.max_length,
-        beta=spec.beta, seed=spec.seed, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
+        beta=spec.beta, seed=spec.seed, report_to="none", save_strategy="no", logging_steps=1,
+        use_cpu=device.type == "cpu",
         **({"gradient_checkpointing": False} if spec.method.endswith(NO_CHECKPOINTING) else {}),
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -162,7 +173,8 @@ def worker_main(spec_json: str) -> int:
         pairs = write_pairs(spec, data_file)
         runner = run_trl if spec.method in PEERS else run_ours
         ends, start = runner(spec, data_file, Path(tmp))
-        result = {**asdict(spec), "pairs": pairs, **_summary(ends, start, count_tokens(spec, data_file))}
+        result = {**asdict(spec), "pairs": pairs,
+                  **_summary(ends, start, count_tokens(spec, data_file), spec.device)}
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
@@ -181,7 +193,9 @@ def run_in_subprocess(spec: NaturalSpec, timeout: float | None = None) -> dict[s
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| max_length | method | s / optimizer step | first step s | tokens / s | peak RSS MiB | vs TRL's defaults "
+    gpu = any("peak_gpu_allocated_mib" in r for r in results)  # a GPU run: its peak is the one that counts
+    memory = "peak GPU MiB (allocated)" if gpu else "peak RSS MiB"
+    lines = [f"| max_length | method | s / optimizer step | first step s | tokens / s | {memory} | vs TRL's defaults "
              "| vs TRL, same checkpointing |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     seconds = {(r["max_length"], r["method"]): r["seconds_per_step"] for r in results if "error" not in r}
 
@@ -195,7 +209,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             continue
         same = PEERS[1] if r["method"].endswith(NO_CHECKPOINTING) else PEER
         lines.append(f"| {r['max_length']} | {r['method']} | {r['seconds_per_step']:.2f} | {r['first_step_s']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {ratio(r, PEER)} | {ratio(r, same)} |")
+                     f"{r['tokens_per_s']:.0f} | {r['peak_gpu_allocated_mib' if gpu else 'peak_rss_mib']:.0f} | "
+                     f"{ratio(r, PEER)} | {ratio(r, same)} |")
     return "\n".join(lines)
 
 

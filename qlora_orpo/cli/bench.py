@@ -136,10 +136,13 @@ def run_natural(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     out_dir = args.out or Path("bench_results") / time.strftime("natural-%Y%m%d-%H%M%S")
     steps = max(2, args.steps)  # the first step is reported apart, so at least one more
     rows = []
+    from ..models.loader import select_device
+
+    device = str(select_device(args.device))  # both tools train there
     for length in args.lengths or [512, 1024]:
         for method in args.natural:
             spec = NaturalSpec(method=method, max_length=length, steps=steps, model=args.model, beta=args.beta,
-                               pack_tokens=args.pack_tokens)
+                               pack_tokens=args.pack_tokens, device=device)
             rows.append(run_in_subprocess(spec, args.timeout))
             print(json.dumps(rows[-1]), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
