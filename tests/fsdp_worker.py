@@ -25,12 +25,19 @@ from qlora_orpo.training import distributed
 from qlora_orpo.training.step import OrpoStep, SideForward
 
 
-def build(model_dir: str):
+def build(model_dir: str, rank0_only: bool = False):
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
 
     from qlora_orpo.models.loader import _enable_checkpointing, load_base
+    from qlora_orpo.models.rank0_load import share_4bit_base
 
-    base = load_base(model_dir, "nf4", "cpu", torch.float32, quant_storage=torch.float32)
+    if rank0_only:  # rank 0 loads, the other ranks build a meta skeleton (models/rank0_load.py)
+        loaded = (load_base(model_dir, "nf4", "cpu", torch.float32, quant_storage=torch.float32)
+                  if torch.distributed.get_rank() == 0 else None)
+        base = share_4bit_base(loaded, AutoConfig.from_pretrained(model_dir), torch.float32, torch.float32)
+    else:
+        base = load_base(model_dir, "nf4", "cpu", torch.float32, quant_storage=torch.float32)
     _enable_checkpointing(base)
     base.enable_input_require_grads()
     torch.manual_seed(0)
@@ -65,11 +72,20 @@ def main(model_dir: str, out: str) -> int:
     sharded = dist.wrap(SideForward(model, 8), torch.device("cpu"))
     shards = {n: [p.to_local().numel(), p.numel()] for n, p in model.named_parameters() if "base_layer" in n}
     fsdp_grads, fsdp_after = one_step(model, sharded, dist, batch)
+
+    model = build(model_dir, rank0_only=True)
+    skeleton = any(p.is_meta for p in model.parameters())
+    sharded = dist.wrap(SideForward(model, 8), torch.device("cpu"))
+    rank0_grads, rank0_after = one_step(model, sharded, dist, batch)
+    skeletons = [0, 0]
+    torch.distributed.all_gather_object(skeletons, skeleton)
     if dist.is_main:
         tensors = {f"ddp/{n}": t for n, t in ddp_grads.items()} | {f"fsdp2/{n}": t for n, t in fsdp_grads.items()}
         tensors |= {f"after/{n}": t for n, t in fsdp_after.items()} | {f"ddp_after/{n}": t for n, t in ddp_after.items()}
+        tensors |= {f"rank0/{n}": t for n, t in rank0_grads.items()} | {f"rank0_after/{n}": t for n, t in rank0_after.items()}
         save_file(tensors, os.path.join(out, "grads.safetensors"))
         Path(out, "shards.json").write_text(json.dumps(shards))
+        Path(out, "skeletons.json").write_text(json.dumps(skeletons))
     dist.barrier()  # no rank tears the group down while another's collectives are in flight
     dist.shutdown()
     return 0

@@ -200,6 +200,12 @@ def test_fsdp2_on_a_cpu_mesh_shards_the_4bit_weights_and_matches_ddp(tmp_path, t
     for name in names:
         torch.testing.assert_close(tensors[f"fsdp2/{name}"], tensors[f"ddp/{name}"], rtol=1e-5, atol=1e-8, msg=name)
         torch.testing.assert_close(tensors[f"after/{name}"], tensors[f"ddp_after/{name}"], rtol=1e-5, atol=1e-8)
+    # Loaded by rank 0 alone, rank 1 holding a meta skeleton until its shard arrives: the same
+    # gradients and the same step (the quant states and buffers came over from rank 0).
+    assert json.loads((out / "skeletons.json").read_text()) == [False, True]
+    for name in names:
+        torch.testing.assert_close(tensors[f"rank0/{name}"], tensors[f"ddp/{name}"], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(tensors[f"rank0_after/{name}"], tensors[f"ddp_after/{name}"], rtol=1e-5, atol=1e-8)
 
 
 def files_under(root: Path) -> list[str]:
@@ -266,6 +272,9 @@ def test_fsdp2_run_writes_what_ddp_writes_and_its_checkpoints_resume_in_one_proc
         output[sharding] = result.stdout + result.stderr
     ddp_modes, fsdp_modes = auto_choices(output["ddp"]), auto_choices(output["fsdp2"])
     assert ddp_modes == fsdp_modes == {"shared": 4}
+    # Rank 0 alone read the checkpoint; rank 1 built a skeleton and got its shard from rank 0.
+    assert "loaded by rank 0 alone, sharded from it (fsdp2)" in output["fsdp2"]
+    assert "loaded by rank 0 alone" not in output["ddp"]
     ddp, fsdp = tmp_path / "runs" / "ddp", tmp_path / "runs" / "fsdp2"
     assert files_under(fsdp) == files_under(ddp)
     assert (fsdp / "best" / "best.json").is_file() and (fsdp / "evaluation.json").is_file()

@@ -226,6 +226,7 @@ class ModelInfo:
     quant: str
     trainable_params: int
     total_params: int
+    loaded_by_rank0: bool = False  # FSDP2: rank 0 read the checkpoint, the other ranks a skeleton
 
     def describe(self) -> str:
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
@@ -234,6 +235,7 @@ class ModelInfo:
         return (
             f"trainable {self.trainable_params:,} / total {self.total_params:,} ({share:.1f}%); "
             f"{base}, {dtype} compute on {self.device}"
+            + ("; loaded by rank 0 alone, sharded from it (fsdp2)" if self.loaded_by_rank0 else "")
         )
 
 
@@ -299,8 +301,13 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     tokenizer = load_tokenizer(path, cfg.chat_template)
     # Sharded (FSDP2) runs store the packed 4-bit weights in the compute dtype (peft's FSDP-QLoRA recipe).
-    quant_storage = compute_dtype if sharding_from_env() == "fsdp2" else None
-    model = load_base(path, cfg.quant, device, compute_dtype, name=cfg.model, quant_storage=quant_storage)
+    sharded = sharding_from_env() == "fsdp2"
+    quant_storage = compute_dtype if sharded else None
+    rank0_loads = sharded and cfg.quant != "none" and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if rank0_loads:
+        model = _load_base_on_rank0(path, cfg, device, compute_dtype, quant_storage)
+    else:
+        model = load_base(path, cfg.quant, device, compute_dtype, name=cfg.model, quant_storage=quant_storage)
     # The QLoRA preparation, without peft's prepare_model_for_kbit_training: that upcasts
     # every 16-bit tensor to float32, doubling the residual stream's memory on a GPU.
     if cfg.gradient_checkpointing:
@@ -338,8 +345,26 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
         quant=cfg.quant,
         trainable_params=int(trainable),
         total_params=int(total),
+        loaded_by_rank0=rank0_loads,
     )
     return peft_model, tokenizer, info
+
+
+def _load_base_on_rank0(
+    path: str, cfg: OrpoConfig, device: torch.device, compute_dtype: torch.dtype, quant_storage: torch.dtype | None
+) -> PreTrainedModel:
+    """FSDP2 over several ranks: rank 0 alone reads and quantises the checkpoint, into host memory
+    when the ranks train on GPUs (each GPU then receives only its shard); the other ranks get a
+    meta skeleton with rank 0's quant states (rank0_load.py; training/distributed.shard_fsdp2 fills it)."""
+    from transformers import AutoConfig
+
+    from .rank0_load import share_4bit_base
+
+    loaded = None
+    if torch.distributed.get_rank() == 0:
+        host = torch.device("cpu") if device.type == "cuda" else device
+        loaded = load_base(path, cfg.quant, host, compute_dtype, name=cfg.model, quant_storage=quant_storage)
+    return share_4bit_base(loaded, AutoConfig.from_pretrained(path), compute_dtype, compute_dtype)
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:

@@ -333,10 +333,52 @@ def shard_fsdp2(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    # A base loaded by rank 0 alone (models/rank0_load.py): the other ranks hold a meta skeleton.
+    skeleton = torch.tensor([any(p.is_meta for p in module.parameters())], device=_collective_device())
+    torch.distributed.all_reduce(skeleton, op=torch.distributed.ReduceOp.MAX)
+    from_rank0 = bool(skeleton.item())
+    rank0_values = {}
+    if from_rank0 and torch.distributed.get_rank() == 0:
+        # The whole weights, until each rank has taken its shard (fully_shard moves the
+        # parameters' storage to the device; these references keep rank 0's loaded copy).
+        rank0_values = {name: p.detach() for name, p in module.named_parameters()}
+    for layer in module.modules():  # bitsandbytes' quant states: not parameters, never sharded
+        state = getattr(layer, "quant_state", None)
+        if state is not None and hasattr(state, "absmax"):
+            state.to(device)
     for layer in decoder_layers(module):
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
+    if from_rank0:
+        _fill_from_rank0(module, rank0_values, device)
     return module
+
+
+def _fill_from_rank0(module: nn.Module, rank0_values: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give every rank its shard of rank 0's weights and rank 0's buffers, one tensor at a time.
+
+    Ranks with a meta skeleton first allocate their shards (``to_empty``); rank 0 scatters each
+    parameter (``distribute_tensor`` from rank 0: a rank never holds more than one whole tensor)
+    and broadcasts each buffer (rotary frequencies and the like, computed on the meta device
+    there).
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+        module.to_empty(device=device)
+    rank = torch.distributed.get_rank()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            whole = (rank0_values.pop(name).to(device) if rank == 0
+                     else torch.empty(param.shape, dtype=param.dtype, device=device))
+            if hasattr(param, "device_mesh"):  # a DTensor: this rank keeps its shard
+                shard = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=0)
+                param.to_local().copy_(shard.to_local())
+            else:
+                torch.distributed.broadcast(whole, src=0)
+                param.copy_(whole)
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 @contextlib.contextmanager
