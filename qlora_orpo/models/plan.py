@@ -137,6 +137,14 @@ def predict(
 
 # --step auto's choices, fastest and hungriest first: its chooser and its out-of-memory retry use this order.
 AUTO_MODES = ("shared", "sequential", "split")
+# --step auto takes the shared layout only when its rows hold at most this share of the two sides'
+# tokens (natural HH pairs: 223 against 346, 0.64; a short prompt with 2048-token replies: ~0.98).
+SHARED_MAX_SHARE = 0.8
+
+
+def shared_saves_tokens(row_tokens: int, rows: int, pairs: int, tokens_per_side: int) -> bool:
+    """Whether ``rows`` shared rows of ``row_tokens`` save enough over ``2 * pairs`` sides of ``tokens_per_side``."""
+    return rows * row_tokens <= SHARED_MAX_SHARE * 2 * pairs * tokens_per_side
 
 
 def shared_row_tokens(max_length: int, pack_tokens: int = 0) -> int:
@@ -174,8 +182,16 @@ def predict_mode(
 
 
 def auto_mode(shape: ModelShape, max_length: int, batch_size: int, budget_bytes: int, **kwargs: Any) -> str | None:
-    """What ``--step auto`` would pick at the worst case: the first of :data:`AUTO_MODES` that fits."""
+    """What ``--step auto`` would pick at the worst case: the first of :data:`AUTO_MODES` that fits.
+
+    As the chooser does, ``shared`` only where it saves tokens: at the worst case (a one-token
+    prompt, one row per pair) it never does, so there the answer is ``sequential`` or ``split``.
+    """
+    pack_tokens = kwargs.get("pack_tokens", 0)
     for mode in AUTO_MODES:
+        if mode == "shared" and not shared_saves_tokens(shared_row_tokens(max_length, pack_tokens), batch_size,
+                                                        batch_size, max_length):
+            continue
         if predict_mode(shape, max_length, batch_size, mode, **kwargs).peak_bytes <= budget_bytes:
             return mode
     return None
@@ -260,6 +276,8 @@ def render(
         lines.append(f"| --step {mode} | {_gib(peak['float32'])} | {_gib(peak['bf16'])} |")
     lines.append(f"  shared: one row per pair at its widest ({shared_row_tokens(max_length)} tokens: prompt + both "
                  "replies); natural data packs several pairs into shorter rows. The overhead was fitted on split only.")
+    lines.append(f"  --step auto takes shared only where rows hold at most {SHARED_MAX_SHARE:g} of the two sides' tokens "
+                 "(a shared prompt): never at this worst case.")
     if budget_gib is not None:
         budget = int(budget_gib * GIB)
         for variant in VARIANTS:

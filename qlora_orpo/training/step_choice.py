@@ -6,7 +6,7 @@ one backward; ``split`` holds one side at a time and pays an extra no-grad forwa
 rejected side. All three give the joint loss's gradient. The choice compares the analytic
 memory floor (``models/floor.py``) of the micro-batch's shape, times a measured overhead
 factor, with the budget: ``shared`` when its rows fit and save tokens (at most
-:data:`SHARED_MAX_SHARE` of the two sides'), else ``sequential``, else ``split``.
+:data:`models.plan.SHARED_MAX_SHARE` of the two sides'), else ``sequential``, else ``split``.
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ from ..config import row_tokens
 from ..data.collate import PairBatch
 from ..data.packing import assign_rows, shared_length
 from ..models.floor import ModelShape, memory_floor
+from ..models.plan import shared_saves_tokens
 from .step import AUTO_MODES
 
 if TYPE_CHECKING:
     from ..config import OrpoConfig
 
 MIB = 2**20
-# The shared layout is taken when its rows hold at most this share of the two sides' tokens
-# (natural HH pairs: 223 against 346, 0.64; a short prompt with 2048-token replies: ~0.98).
-SHARED_MAX_SHARE = 0.8
 # Measured peak above baseline / analytic floor for the split step on the embedded model:
 # 1.3 to 2.1 from 2048 down to 256 tokens (docs/benchmarks.md); the upper end, to be safe.
 OVERHEAD_FACTOR = 2.1
@@ -96,7 +94,7 @@ class StepChooser:
             # Shared only where it saves tokens: with a short prompt, one row of prompt + both
             # replies costs more attention than two sides and saves almost nothing (2048-token
             # sides: 1.56x slower, 95 MiB more than sequential; docs/benchmarks.md).
-            saves = len(packed) * width <= SHARED_MAX_SHARE * 2 * rows * length
+            saves = shared_saves_tokens(width, len(packed), rows, length)
             if saves and self.predicted_bytes(width, len(packed)) <= self.budget_bytes:
                 mode = "shared"
         if self.ceiling is not None and AUTO_MODES.index(mode) < AUTO_MODES.index(self.ceiling):
