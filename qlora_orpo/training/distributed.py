@@ -341,7 +341,8 @@ def shard_fsdp2(module: nn.Module, device: torch.device) -> nn.Module:
     if from_rank0 and torch.distributed.get_rank() == 0:
         # The whole weights, until each rank has taken its shard (fully_shard moves the
         # parameters' storage to the device; these references keep rank 0's loaded copy).
-        rank0_values = {name: p.detach() for name, p in module.named_parameters()}
+        # Plain tensors: a bitsandbytes Params4bit's own .to() would also move its quant state.
+        rank0_values = {name: p.detach().as_subclass(torch.Tensor) for name, p in module.named_parameters()}
     for layer in module.modules():  # bitsandbytes' quant states: not parameters, never sharded
         state = getattr(layer, "quant_state", None)
         if state is not None and hasattr(state, "absmax"):
