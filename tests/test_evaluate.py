@@ -3,6 +3,7 @@ base vs adapter side by side; scripts/evaluate.py reproduces a training run's ow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -113,8 +114,7 @@ def test_base_and_adapter_side_by_side_on_one_model():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def trained_run(tmp_path):
+def train_tiny_run(tmp_path, **overrides):
     tokenizer = build_tokenizer(chat_template=True)
     model = build_tiny_llama(vocab_size=len(tokenizer))
     model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -134,8 +134,28 @@ def trained_run(tmp_path):
         max_prompt_length=24, lora_r=4, lora_alpha=8, learning_rate=1e-2, eval_fraction=0.25, eval_max_pairs=6,
         save_every=0, logits_chunk_size=8, beta=0.3, health_prompts=4, health_max_new_tokens=8,
     )
-    run(cfg)
+    run(dataclasses.replace(cfg, **overrides))
     return tmp_path / "runs" / "t"
+
+
+@pytest.fixture
+def trained_run(tmp_path):
+    return train_tiny_run(tmp_path)
+
+
+def test_script_reproduces_a_4bit_bfloat16_run_s_evaluation(tmp_path):
+    """4-bit base, bfloat16 compute: the run evaluated through the lean LoRA forward (bfloat16 LoRA
+    matmuls); the script loads the adapter with the same forward, so its figures are the run's
+    (with peft's float32 LoRA path they differed in the fourth digit)."""
+    run_dir = train_tiny_run(tmp_path, quant="nf4", compute_dtype="bfloat16", health_prompts=0)
+    out = tmp_path / "eval.json"
+    assert main(["--adapter", str(run_dir / "adapter"), "--max-pairs", "6", "--json", str(out), "--no-progress",
+                 "--health-prompts", "0"]) == 0
+    result = json.loads(out.read_text())
+    after = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("tag") == "after")
+    for key, value in result["adapter"].items():
+        if key in after:
+            assert value == pytest.approx(after[key], rel=1e-6, abs=1e-7), key
 
 
 def test_script_reproduces_the_runs_before_and_after_evaluations(trained_run, tmp_path, capsys):

@@ -348,4 +348,9 @@ def load_adapter(
         if issubclass(warning.category, FutureWarning) and "gradient_checkpointing" in text:
             continue  # transformers 5 telling peft about renamed methods (see model.quiet_checkpointing_renames)
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    # The forward training and its evaluations ran (lora_forward.py): `eval` reproduces the run's
+    # held-out figures to the bit, and chat is faster. In float32 (merged export) it is peft's.
+    from ..models.lora_forward import use_lean_lora_forward
+
+    use_lean_lora_forward(peft_model)
     return peft_model
