@@ -54,8 +54,25 @@ def test_every_field_has_a_kebab_case_flag():
 
 
 def test_bool_flags_can_be_turned_off():
-    cfg, _ = parse_args(["--no-gradient-checkpointing"])
-    assert cfg.gradient_checkpointing is False
+    cfg, _ = parse_args(["--no-eval-cache"])
+    assert cfg.eval_cache is False
+
+
+def test_gradient_checkpointing_is_an_auto_on_off_switch_that_still_reads_the_old_booleans(tmp_path):
+    """It was a boolean: --gradient-checkpointing alone, --no-gradient-checkpointing and true/false in
+    files (ours and TRL's) keep their meaning; the default is auto."""
+    assert OrpoConfig().gradient_checkpointing == "auto"
+    assert parse_args([])[0].gradient_checkpointing == "auto"
+    assert parse_args(["--gradient-checkpointing"])[0].gradient_checkpointing == "on"
+    assert parse_args(["--no-gradient-checkpointing"])[0].gradient_checkpointing == "off"
+    assert parse_args(["--gradient-checkpointing", "auto"])[0].gradient_checkpointing == "auto"
+    for value, want in ((True, "on"), (False, "off"), ("false", "off"), ("on", "on")):
+        assert OrpoConfig(gradient_checkpointing=value).gradient_checkpointing == want
+    config = tmp_path / "c.yaml"
+    config.write_text("gradient_checkpointing: false\n")
+    assert parse_args(["--config", str(config)])[0].gradient_checkpointing == "off"
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        OrpoConfig(gradient_checkpointing="sometimes")
 
 
 @pytest.mark.parametrize(

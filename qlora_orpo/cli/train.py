@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser, dry_run_command: bool = False
         help_text = f.metadata.get("help", "").replace("%", "%%") + f" (default: {default!r})"
         if isinstance(default, bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif {"on", "off"} <= set(f.metadata.get("choices") or ()):
+            # An on/off/auto switch that was a boolean: --flag alone is on, --no-flag is off.
+            group.add_argument(flag, dest=f.name, nargs="?", const="on", choices=f.metadata["choices"], help=help_text)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="off",
+                               help=f"The same as {flag} off.")
         else:
             group.add_argument(
                 flag,

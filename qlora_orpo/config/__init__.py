@@ -160,7 +160,13 @@ class OrpoConfig:
         "DoRA (peft's use_dora): learn each adapted weight's column norms (a magnitude vector) beside the "
         "LoRA direction; works on 4-bit layers; steps are slower (the weight norm is recomputed per forward).",
     )
-    gradient_checkpointing: bool = _f(True, "Recompute each layer's activations in backward (use_reentrant=False).")
+    gradient_checkpointing: str = _f(
+        "auto",
+        "Recompute each layer's activations in backward (use_reentrant=False): 'on', 'off', or 'auto': off when "
+        "the worst micro-batch's activations take at most half the memory left after loading the model "
+        "(models/checkpointing.py); true/false mean on/off.",
+        ("auto", "on", "off"),
+    )
     step: str = _f(
         "auto",
         "Training step: 'split' runs chosen and rejected passes one after the other with the exact joint "
@@ -243,6 +249,9 @@ class OrpoConfig:
             self.lora_targets = ",".join(str(t) for t in self.lora_targets)
         if isinstance(self.export, bool) or str(self.export).lower() in ("true", "false"):  # export was a bool
             self.export = "merged" if str(self.export).lower() == "true" else "none"
+        switch = str(self.gradient_checkpointing).lower()  # was a bool: true/false from files, TRL configs
+        if switch in ("true", "1", "yes", "false", "0", "no"):
+            self.gradient_checkpointing = "on" if switch in ("true", "1", "yes") else "off"
         if isinstance(self.report_to, list | tuple):
             self.report_to = ",".join(str(t) for t in self.report_to) or "none"
         self.data = normalise_data_value(self.data, "data")

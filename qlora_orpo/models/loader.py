@@ -33,6 +33,7 @@ from ..config import EMBEDDED, OrpoConfig
 from ..core.errors import ConfigError, ModelError
 from ..core.launcher import sharding_from_env
 from .bnb_cpu import disable_bnb_cpu_repacking, import_bitsandbytes_quietly
+from .checkpointing import CheckpointingChoice, checkpointing_for
 from .embedded import embedded_model_dir, gguf_model_dir
 from .lora_forward import use_lean_lora_forward
 from .memory import malloc_trim
@@ -227,6 +228,7 @@ class ModelInfo:
     trainable_params: int
     total_params: int
     loaded_by_rank0: bool = False  # FSDP2: rank 0 read the checkpoint, the other ranks a skeleton
+    checkpointing: CheckpointingChoice | None = None
 
     def describe(self) -> str:
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
@@ -236,6 +238,7 @@ class ModelInfo:
             f"trainable {self.trainable_params:,} / total {self.total_params:,} ({share:.1f}%); "
             f"{base}, {dtype} compute on {self.device}"
             + ("; loaded by rank 0 alone, sharded from it (fsdp2)" if self.loaded_by_rank0 else "")
+            + (f"; {self.checkpointing.describe()}" if self.checkpointing else "")
         )
 
 
@@ -308,9 +311,10 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
         model = _load_base_on_rank0(path, cfg, device, compute_dtype, quant_storage)
     else:
         model = load_base(path, cfg.quant, device, compute_dtype, name=cfg.model, quant_storage=quant_storage)
+    checkpointing = checkpointing_for(cfg, model, device)
     # The QLoRA preparation, without peft's prepare_model_for_kbit_training: that upcasts
     # every 16-bit tensor to float32, doubling the residual stream's memory on a GPU.
-    if cfg.gradient_checkpointing:
+    if checkpointing.enabled:
         _enable_checkpointing(model)
         model.enable_input_require_grads()
 
@@ -346,6 +350,7 @@ def load_model_for_training(cfg: OrpoConfig) -> tuple[PeftModel, PreTrainedToken
         trainable_params=int(trainable),
         total_params=int(total),
         loaded_by_rank0=rank0_loads,
+        checkpointing=checkpointing,
     )
     return peft_model, tokenizer, info
 

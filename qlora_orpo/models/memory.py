@@ -366,3 +366,17 @@ def malloc_trim() -> bool:
     if libc is None:
         return False
     return bool(libc.malloc_trim(0))
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """What the device has free now: CUDA's free memory, or the CPU's ``MemAvailable`` (0: unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +21,7 @@ from ..config import row_tokens
 from ..data.collate import PairBatch
 from ..data.packing import assign_rows, shared_length
 from ..models.floor import ModelShape, memory_floor
+from ..models.memory import available_memory_bytes
 from ..models.plan import shared_saves_tokens
 from .step import AUTO_MODES
 
@@ -32,20 +32,6 @@ MIB = 2**20
 # Measured peak above baseline / analytic floor for the split step on the embedded model:
 # 1.3 to 2.1 from 2048 down to 256 tokens (docs/benchmarks.md); the upper end, to be safe.
 OVERHEAD_FACTOR = 2.1
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """What the device has free now: CUDA's free memory, or the CPU's ``MemAvailable``."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0  # unknown: only split is safe
 
 
 @dataclass
