@@ -38,6 +38,8 @@ NATURAL_METHODS: dict[str, tuple[str, int]] = {
     "shared": ("shared", 1), "shared-packed": ("shared", 8),
 }
 NATURAL_METHODS.update({f"{name}-nogc": shape for name, shape in list(NATURAL_METHODS.items())})
+DEFAULTS = "defaults"  # ours as `qlora-orpo train` runs with no flags: --step auto, checkpointing auto
+NATURAL_METHODS[DEFAULTS] = ("auto", 1)
 NO_CHECKPOINTING = "-nogc"
 PEER = "trl"  # TRL's ORPOTrainer with its defaults (gradient checkpointing and bf16 on)
 PEERS = (PEER, PEER + NO_CHECKPOINTING)  # and with gradient_checkpointing=False, its one change
@@ -112,7 +114,8 @@ def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[fl
         model=spec.model, data=str(data_file), max_length=spec.max_length, max_steps=spec.steps,
         batch_size=batch, grad_accum=spec.pairs_per_step // batch, step=mode, pack_tokens=spec.pack_tokens,
         beta=spec.beta, seed=spec.seed, eval_fraction=0.0, health_prompts=0, eval_every=0, save_every=0,
-        gradient_checkpointing=not spec.method.endswith(NO_CHECKPOINTING),
+        gradient_checkpointing=("auto" if spec.method == DEFAULTS
+                                else "off" if spec.method.endswith(NO_CHECKPOINTING) else "on"),
         log_every=1, output_dir=str(out_dir), run_name="ours", device=spec.device,
     )
     run(cfg)
@@ -199,15 +202,16 @@ def markdown(results: list[dict[str, Any]]) -> str:
              "| vs TRL, same checkpointing |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     seconds = {(r["max_length"], r["method"]): r["seconds_per_step"] for r in results if "error" not in r}
 
-    def ratio(r: dict[str, Any], peer: str) -> str:
-        base = seconds.get((r["max_length"], peer))
+    def ratio(r: dict[str, Any], peer: str | None) -> str:
+        base = seconds.get((r["max_length"], peer)) if peer else None
         return f"{r['seconds_per_step'] / base:.2f}x" if base else ""
 
     for r in results:
         if "error" in r:
             lines.append(f"| {r['max_length']} | {r['method']} | error: {r['error'][:120]} | | | | | |")
             continue
-        same = PEERS[1] if r["method"].endswith(NO_CHECKPOINTING) else PEER
+        # "defaults" lets auto choose its checkpointing: no TRL row has the same setting.
+        same = PEERS[1] if r["method"].endswith(NO_CHECKPOINTING) else None if r["method"] == DEFAULTS else PEER
         lines.append(f"| {r['max_length']} | {r['method']} | {r['seconds_per_step']:.2f} | {r['first_step_s']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['peak_gpu_allocated_mib' if gpu else 'peak_rss_mib']:.0f} | "
                      f"{ratio(r, PEER)} | {ratio(r, same)} |")
