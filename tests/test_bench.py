@@ -317,3 +317,15 @@ def test_natural_benchmark_trains_both_tools_on_the_chosen_device(monkeypatch, t
     table = markdown(rows)
     assert "peak GPU MiB (allocated)" in table and "| 300 |" in table and "2500" not in table
     assert "peak RSS MiB" in markdown([{k: v for k, v in r.items() if k != "peak_gpu_allocated_mib"} for r in rows])
+
+
+def test_natural_methods_set_our_checkpointing_as_named(tmp_path):
+    """-nogc turns it off, the step-mode names keep it on (as TRL's defaults), 'defaults' leaves it to auto."""
+    from qlora_orpo.bench.natural import NaturalSpec, ours_config
+
+    def setting(method):
+        return ours_config(NaturalSpec(method=method, device="cpu"), tmp_path / "d.jsonl", tmp_path).gradient_checkpointing
+
+    assert (setting("auto"), setting("auto-nogc"), setting("shared-packed-nogc"), setting("defaults")) == (
+        "on", "off", "off", "auto")
+    assert ours_config(NaturalSpec(method="defaults", device="cpu"), tmp_path / "d.jsonl", tmp_path).step == "auto"

@@ -104,13 +104,11 @@ def _summary(step_ends: list[float], start: float, tokens: int, device: str) -> 
             "tokens_per_s": tokens / sum(seconds), **_peak_memory(device)}
 
 
-def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[float], float]:
-    from ..recipes.finetune import run
-    from ..training.metrics import read_metrics
-
+def ours_config(spec: NaturalSpec, data_file: Path, out_dir: Path) -> OrpoConfig:
+    """Our trainer's config for ``spec``: its step mode, micro-batch shape and checkpointing."""
     mode, batch = NATURAL_METHODS[spec.method]
     batch = min(batch, spec.pairs_per_step)  # "packed": the whole optimizer step in one micro-batch
-    cfg = OrpoConfig(
+    return OrpoConfig(
         model=spec.model, data=str(data_file), max_length=spec.max_length, max_steps=spec.steps,
         batch_size=batch, grad_accum=spec.pairs_per_step // batch, step=mode, pack_tokens=spec.pack_tokens,
         beta=spec.beta, seed=spec.seed, eval_fraction=0.0, health_prompts=0, eval_every=0, save_every=0,
@@ -118,7 +116,13 @@ def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[fl
                                 else "off" if spec.method.endswith(NO_CHECKPOINTING) else "on"),
         log_every=1, output_dir=str(out_dir), run_name="ours", device=spec.device,
     )
-    run(cfg)
+
+
+def run_ours(spec: NaturalSpec, data_file: Path, out_dir: Path) -> tuple[list[float], float]:
+    from ..recipes.finetune import run
+    from ..training.metrics import read_metrics
+
+    run(ours_config(spec, data_file, out_dir))
     records = [r for r in read_metrics(out_dir / "ours" / "metrics.jsonl") if r.get("split") == "train"]
     seconds = [r["seconds_per_step"] for r in records]
     return [sum(seconds[: i + 1]) for i in range(len(seconds))], 0.0
