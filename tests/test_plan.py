@@ -148,3 +148,5 @@ def test_plan_predicts_each_step_mode_and_what_auto_would_pick(llama3_dir, capsy
     for mode in P.AUTO_MODES:
         assert f"| --step {mode} |" in out
     assert "--step auto in 24 GiB, float32:" in out
+    # The default gradient_checkpointing auto at this size keeps recomputing (an 8B model at 2048 tokens).
+    assert "bf16: gradient checkpointing on (auto:" in out and "over 0.5 of" in out

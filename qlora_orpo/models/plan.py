@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from .checkpointing import choose_checkpointing
 from .floor import MemoryFloor, ModelShape, memory_floor
 
 GIB = 2**30
@@ -283,6 +284,12 @@ def render(
         for variant in VARIANTS:
             mode = auto_mode(shape, max_length, batch_size, budget, variant=variant, **kwargs)
             lines.append(f"  --step auto in {budget_gib:g} GiB, {variant}: {mode or 'nothing fits'} at the worst case")
+        for variant, width in VARIANTS.items():
+            # What the default gradient_checkpointing 'auto' would do with the memory left after loading:
+            # off means more than these predictions (which assume checkpointing) but within its headroom.
+            free = max(0, budget - preds[variant].floor.resident_bytes - preds[variant].reserve_bytes)
+            choice = choose_checkpointing("auto", shape, max_length, batch_size, width, True, free)
+            lines.append(f"  {variant}: {choice.describe()}")
         lines += ["", f"fits in {budget_gib:g} GiB of {device_kind} (reserve {kwargs.get('reserve_gib', 0.0):g} GiB "
                       "for the process included):"]
         for variant, pred in preds.items():
