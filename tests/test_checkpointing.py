@@ -89,3 +89,19 @@ def test_the_loader_follows_the_choice(tiny_dir, setting, budget_mib, enabled):
     model, _, info = load_model_for_training(cfg)
     assert model.base_model.model.is_gradient_checkpointing is enabled
     assert info.checkpointing.enabled is enabled and ("checkpointing " + ("on" if enabled else "off")) in info.describe()
+
+
+def test_a_run_records_what_auto_resolved_to(tiny_dir, tmp_path):
+    from qlora_orpo.recipes.finetune import run
+    from qlora_orpo.training.metrics import read_metrics
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(f'{{"prompt": "hello {i}", "chosen": "yes {i}", "rejected": "no {i}"}}\n' for i in range(8)))
+    for budget, want in ((1, True), (50_000, False)):
+        cfg = OrpoConfig(model=str(tiny_dir), data=str(data), quant="nf4", compute_dtype="float32", max_steps=1,
+                         eval_fraction=0.0, health_prompts=0, eval_every=0, save_every=0, export="none",
+                         memory_budget_mib=budget, output_dir=str(tmp_path / "runs"), run_name=f"b{budget}")
+        summary = run(cfg)
+        assert summary["gradient_checkpointing"] is want
+        records = read_metrics(tmp_path / "runs" / f"b{budget}" / "metrics.jsonl")
+        assert [r["gradient_checkpointing"] for r in records if r["split"] == "summary"] == [want]

@@ -272,6 +272,8 @@ def finish(
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "tokens": state.tokens, "adapter": str(adapter_dir),
         "trainable_params": info.trainable_params, "total_params": info.total_params,
+        # What gradient_checkpointing 'auto' resolved to (config.yaml records the setting asked for).
+        "gradient_checkpointing": info.checkpointing.enabled if info.checkpointing else None,
         "final_train": last, "eval_before": before, "eval_after": after,
         "test": {"pairs": tested["pairs"]["evaluated"], "base": tested["base"]["reward_accuracy"],
                  "adapter": tested["adapter"]["reward_accuracy"], "change": tested["change"]["reward_accuracy"]}
