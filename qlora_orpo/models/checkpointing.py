@@ -79,7 +79,7 @@ def checkpointing_for(cfg: OrpoConfig, model: nn.Module, device: torch.device) -
     """``cfg.gradient_checkpointing`` resolved for this loaded model, its batch shape and the memory left
     (``memory_budget_mib`` when set, else what the device has free now)."""
     if cfg.gradient_checkpointing != "auto":
-        return choose_checkpointing(cfg.gradient_checkpointing, ModelShape.from_config(model.config), 0, 0, 0, False, 0)
+        return CheckpointingChoice(cfg.gradient_checkpointing == "on", cfg.gradient_checkpointing)
     free = cfg.memory_budget_mib * 2**20 or available_memory_bytes(device)
     residual = model.get_input_embeddings().weight.element_size()  # the residual stream's dtype follows it
     choice = choose_checkpointing("auto", ModelShape.from_config(model.config), cfg.max_length, cfg.batch_size,
