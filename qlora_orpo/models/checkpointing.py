@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..config import OrpoConfig
+from ..core.launcher import collective_device
 from .floor import ModelShape
 from .memory import available_memory_bytes
 
@@ -84,10 +85,10 @@ def checkpointing_for(cfg: OrpoConfig, model: nn.Module, device: torch.device) -
     residual = model.get_input_embeddings().weight.element_size()  # the residual stream's dtype follows it
     choice = choose_checkpointing("auto", ModelShape.from_config(model.config), cfg.max_length, cfg.batch_size,
                                   residual, cfg.lora_dropout > 0, free)
-    return _agreed(choice, device)
+    return _agreed(choice)
 
 
-def _agreed(choice: CheckpointingChoice, device: torch.device) -> CheckpointingChoice:
+def _agreed(choice: CheckpointingChoice) -> CheckpointingChoice:
     """Over several ranks, on for all if on for any: under FSDP2 a checkpointed layer gathers its
     weights again in backward, a collective every rank must join."""
     import torch
@@ -95,6 +96,6 @@ def _agreed(choice: CheckpointingChoice, device: torch.device) -> CheckpointingC
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return choice
-    flag = torch.tensor([int(choice.enabled)], device=device if dist.get_backend() == "nccl" else "cpu")
+    flag = torch.tensor([int(choice.enabled)], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return replace(choice, enabled=bool(flag.item()))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.launcher import collective_device
 from .bnb_cpu import disable_bnb_cpu_repacking
 
 MANIFEST_VERSION = 1
@@ -123,7 +124,7 @@ def share_4bit_base(model: nn.Module | None, config: Any, compute_dtype: torch.d
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     if rank == 0:
         manifest, buffer = describe_4bit_layers(model)
         text = json.dumps(manifest).encode()
@@ -136,5 +137,5 @@ def share_4bit_base(model: nn.Module | None, config: Any, compute_dtype: torch.d
     dist.broadcast(state_bytes, src=0)
     if rank == 0:
         return model
-    manifest = json.loads(bytes(text_bytes.cpu().tolist()).decode())
+    manifest = json.loads(text_bytes.cpu().numpy().tobytes().decode())
     return build_4bit_skeleton(config, manifest, state_bytes.cpu(), compute_dtype, dtype)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
-from ..core.launcher import sharding_from_env
+from ..core.launcher import collective_device, sharding_from_env
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 4 * 3600  # see collective_timeout
 
@@ -157,7 +157,7 @@ class Dist:
         if not self.sharded:
             return mode
         order = ("split", "shared", "sequential", "joint")  # by peak memory
-        choice = torch.tensor([order.index(mode)], dtype=torch.long, device=_collective_device())
+        choice = torch.tensor([order.index(mode)], dtype=torch.long, device=collective_device())
         torch.distributed.all_reduce(choice, op=torch.distributed.ReduceOp.MIN)
         return order[int(choice.item())]
 
@@ -169,7 +169,7 @@ class Dist:
         """Rank 0's ``text`` on every rank (a uint8 tensor: no pickling, unlike broadcast_object_list)."""
         if not self.enabled:
             return text
-        device = _collective_device()
+        device = collective_device()
         data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
         length = torch.tensor([data.numel()], dtype=torch.long, device=device)
         torch.distributed.broadcast(length, 0)
@@ -180,7 +180,7 @@ class Dist:
     def sum_values(self, values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
         """Each value summed over the ranks, in one all-reduce of a small float64 vector."""
         keys = list(values)
-        device = _collective_device()
+        device = collective_device()
         stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).reshape(()).to(device) for k in keys])
         if self.enabled:
             torch.distributed.all_reduce(stacked)
@@ -234,13 +234,6 @@ class NullLog:
 
     def close(self) -> None:
         pass
-
-
-def _collective_device() -> torch.device:
-    """nccl reduces only CUDA tensors; gloo only CPU ones."""
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def init(device: torch.device) -> Dist:
@@ -334,7 +327,7 @@ def shard_fsdp2(module: nn.Module, device: torch.device) -> nn.Module:
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     # A base loaded by rank 0 alone (models/rank0_load.py): the other ranks hold a meta skeleton.
-    skeleton = torch.tensor([any(p.is_meta for p in module.parameters())], device=_collective_device())
+    skeleton = torch.tensor([any(p.is_meta for p in module.parameters())], device=collective_device())
     torch.distributed.all_reduce(skeleton, op=torch.distributed.ReduceOp.MAX)
     from_rank0 = bool(skeleton.item())
     rank0_values = {}
