@@ -75,9 +75,9 @@ def _peak_memory(device: str) -> dict[str, float]:
     """The process's peak RSS; on a GPU also the peak of the tensors allocated there."""
     peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.startswith("cuda"):
-        import torch
+        from ..models.memory import peak_memory
 
-        peak["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peak["peak_gpu_allocated_mib"] = peak_memory(device)["peak_allocated_mib"]
     return peak
 
 
